@@ -1,0 +1,27 @@
+# The two commands of the README. Each one creates .venv and installs what it needs on first use.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: smoke test setup clean
+
+smoke: $(STAMP)  ## the main job: scaled-down model on CPU (or the local GPU)
+	$(VENV)/bin/glm-model-info model=smoke
+
+test: $(STAMP)  ## the whole CPU test suite (GPU tests skip themselves without CUDA)
+	$(PY) -m pytest -n 2 --dist loadgroup -q -rs tests
+
+setup: $(STAMP)
+
+# torch==2.13.0 is pinned first so pip takes the CPU wheel on this machine's disk instead of
+# downloading a multi-GB CUDA build; on a GPU machine, install torch first, then `pip install -e .[gpu]`.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

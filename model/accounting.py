@@ -1,0 +1,137 @@
+"""Parameter and FLOP accounting, read off a model built on the meta device.
+
+Counts come from the real module tree (so they cannot drift from what is trained); the FLOP count
+is Megatron's per-token training formula (see ../shared/GLM45_FACTS.md).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from model.config import ModelConfig
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+def part_of(name: str) -> str:
+    """The accounting part of a parameter, from its Megatron name (local or TE spec)."""
+    if name.startswith("embedding."):
+        return "embedding"
+    if name.startswith("output_layer."):
+        return "output"
+    if "q_layernorm" in name or "k_layernorm" in name:  # QK-Norm is part of attention
+        return "attention"
+    if "layernorm" in name or "layer_norm" in name or re.search(r"\.[eh]norm\.", name):
+        return "norms"
+    for marker, part in ((".eh_proj.", "mtp_proj"), (".self_attention.", "attention"),
+                         (".mlp.router.", "router"), (".mlp.shared_experts.", "shared_experts"),
+                         (".mlp.experts.", "experts"), (".mlp.", "dense_mlp")):
+        if marker in name:
+            return part
+    raise ValueError(f"cannot place parameter {name!r} in the accounting")
+
+
+@dataclass
+class ParamCounts:
+    main: Counter  # part -> parameters in the main decoder (no embedding/output)
+    mtp: Counter  # part -> parameters in the MTP layer(s), incl. eh_proj and its norms
+    embedding: int
+    output: int
+    experts_active_fraction: float  # top-k / num_experts
+
+    def total(self, *, mtp: bool, embeddings: bool) -> int:
+        n = sum(self.main.values())
+        n += sum(self.mtp.values()) if mtp else 0
+        return n + (self.embedding + self.output if embeddings else 0)
+
+    def active(self, *, mtp: bool, embeddings: bool) -> float:
+        def act(c: Counter) -> float:
+            return sum(c.values()) - c["experts"] * (1 - self.experts_active_fraction)
+
+        n = act(self.main) + (act(self.mtp) if mtp else 0)
+        return n + (self.embedding + self.output if embeddings else 0)
+
+    def conventions(self) -> list[tuple[str, int, float]]:
+        """(label, total, active) under each counting convention, the default first."""
+        return [
+            ("decoder + embedding/output, no MTP [default total: the HF model]",
+             self.total(mtp=False, embeddings=True), self.active(mtp=False, embeddings=True)),
+            ("decoder only [default active]",
+             self.total(mtp=False, embeddings=False), self.active(mtp=False, embeddings=False)),
+            ("decoder + MTP", self.total(mtp=True, embeddings=False), self.active(mtp=True, embeddings=False)),
+            ("decoder + MTP + embedding/output [everything trained]",
+             self.total(mtp=True, embeddings=True), self.active(mtp=True, embeddings=True)),
+        ]
+
+    @property
+    def default_total(self) -> int:
+        # Closest to the published 355B / 106B for both models (worst error 0.8%, Air): the
+        # parameters of the Hugging Face model, which carries embeddings but ignores the MTP layer.
+        return self.total(mtp=False, embeddings=True)
+
+    @property
+    def default_active(self) -> float:
+        # The published 32B / 12B match the main decoder's active weights without embeddings.
+        return self.active(mtp=False, embeddings=False)
+
+
+def count_parameters(model: torch.nn.Module, cfg: ModelConfig) -> ParamCounts:
+    main, mtp = Counter(), Counter()
+    emb = out = 0
+    for name, p in model.named_parameters():
+        part = part_of(name)
+        if part == "embedding":
+            emb += p.numel()
+        elif part == "output":
+            out += p.numel()
+        elif name.startswith("mtp."):
+            mtp[part] += p.numel()
+        else:
+            main[part] += p.numel()
+    return ParamCounts(main, mtp, emb, out, cfg.moe_router_topk / cfg.num_experts)
+
+
+def stage_parameters_per_gpu(model: torch.nn.Module, cfg: ModelConfig, parallel, stage_of_layer) -> list[float]:
+    """Parameters held by one GPU of each pipeline stage under the given layout (weights only).
+
+    `stage_of_layer(i)` gives the stage of decoder layer i. Embedding sits on the first stage;
+    final norm, output layer and MTP on the last (Megatron-Core's placement).
+    """
+    per_stage = [0.0] * parallel.pipeline
+    for name, p in model.named_parameters():
+        m = _LAYER.match(name)
+        if m:
+            stage = stage_of_layer(int(m.group(1)))
+        else:
+            stage = 0 if name.startswith("embedding.") else parallel.pipeline - 1
+        n = float(p.numel())
+        if part_of(name) == "experts":
+            n /= parallel.expert
+            if getattr(p, "tensor_model_parallel", False):
+                n /= parallel.expert_tensor
+        elif getattr(p, "tensor_model_parallel", False):
+            n /= parallel.tensor
+        per_stage[stage] += n
+    return per_stage
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training (forward + backward) FLOPs per token, Megatron-Core's formula.
+
+    As in Megatron's accounting, each MTP layer adds an MoE MLP, its norms and eh_proj, and one
+    more output-logit GEMM, but not its attention; causal attention counts half the full square.
+    Reproduces 230.7 GFLOP (GLM-4.5) and 95.4 GFLOP (GLM-4.5-Air) per token at sequence 4096.
+    """
+    h, v, mtp = cfg.hidden_size, cfg.vocab_size, cfg.mtp_num_layers
+    q = cfg.num_attention_heads * cfg.head_dim
+    kv = cfg.num_query_groups * cfg.head_dim
+    moe_layers = cfg.num_moe_layers + mtp
+    mlp = cfg.first_k_dense * 3 * cfg.ffn_hidden_size + moe_layers * 3 * (
+        cfg.moe_router_topk * cfg.moe_ffn_hidden_size + cfg.num_shared_experts * cfg.moe_ffn_hidden_size)
+    attention = cfg.num_layers * (h * (q + 2 * kv) + q * h)
+    per_token = h * mlp + attention + mtp * (3 * h + 2 * h * h) + h * v * (1 + mtp)
+    return 6.0 * per_token + 6.0 * cfg.num_layers * q * seq_len

@@ -1,0 +1,128 @@
+"""Build a GLM model: ModelConfig + ParallelConfig -> TransformerConfig -> Megatron-Core GPTModel."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.transformer_block import get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+from model import cpu_support
+from model.config import ModelConfig
+from model.spec import decoder_specs, have_transformer_engine, mtp_block_spec
+from pretrain.parallel import ParallelConfig
+
+
+def resolve_impl(impl: str) -> bool:
+    """'auto' | 'te' | 'local' -> whether to use Transformer Engine modules."""
+    if impl not in ("auto", "te", "local"):
+        raise ValueError(f"impl={impl!r}: expected one of auto, te, local")
+    if impl == "te" and not have_transformer_engine():
+        raise RuntimeError("impl=te but transformer_engine does not import; use impl=local or auto")
+    return impl == "te" or (impl == "auto" and have_transformer_engine() and torch.cuda.is_available())
+
+
+def transformer_config(m: ModelConfig, p: ParallelConfig, *, dtype: torch.dtype = torch.float32,
+                       use_te: bool = False, initialize: bool = True) -> TransformerConfig:
+    cuda = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.head_dim,
+        ffn_hidden_size=m.ffn_hidden_size,
+        gated_linear_unit=True,  # SwiGLU: fc1 holds [gate; up]
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=m.qkv_bias,
+        qk_layernorm=m.qk_norm,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.rms_norm_eps,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_std,
+        # MoE: sigmoid scores, top-k chosen on score + expert_bias, weights from the unbiased scores.
+        num_moe_experts=m.num_experts,
+        moe_layer_freq=[0] * m.first_k_dense + [1] * m.num_moe_layers,
+        moe_ffn_hidden_size=m.moe_ffn_hidden_size,
+        moe_shared_expert_intermediate_size=(m.moe_ffn_hidden_size * m.num_shared_experts) or None,
+        moe_router_topk=m.moe_router_topk,
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_bias_update_rate=m.expert_bias_update_rate,
+        moe_router_topk_scaling_factor=m.routed_scaling_factor,
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="seq_aux_loss",
+        moe_aux_loss_coeff=m.aux_loss_coeff,
+        moe_grouped_gemm=use_te,
+        # alltoall is the fast dispatcher but needs CUDA streams; allgather gives the same result.
+        moe_token_dispatcher_type="alltoall" if cuda else "allgather",
+        mtp_num_layers=m.mtp_num_layers or None,
+        mtp_loss_scaling_factor=m.mtp_loss_weight,
+        tensor_model_parallel_size=p.tensor,
+        expert_model_parallel_size=p.expert,
+        expert_tensor_parallel_size=p.expert_tensor,
+        pipeline_model_parallel_size=p.pipeline,
+        context_parallel_size=p.context,
+        sequence_parallel=p.sequence_parallel and p.tensor > 1,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu_initialization=not cuda,
+        perform_initialization=initialize,
+        # Fusions that need CUDA kernels stay off; the unfused paths give the same numbers.
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
+def stage_layer_ids(config: TransformerConfig, pp_rank: int) -> list[int]:
+    """Global (0-based) ids of the decoder layers that pipeline stage `pp_rank` holds."""
+    offset = get_transformer_layer_offset(config, pp_rank=pp_rank)
+    return list(range(offset, offset + get_num_layers_to_build(config, pp_rank=pp_rank)))
+
+
+def build_model(m: ModelConfig, p: ParallelConfig | None = None, *, dtype: torch.dtype = torch.float32,
+                impl: str = "auto", meta: bool = False, pp_rank: int | None = None) -> GPTModel:
+    """Build this rank's part of the model. Megatron's process groups must exist (init_distributed).
+
+    meta=True builds on the meta device: shapes and counts, no memory, no initialisation.
+    """
+    from megatron.core import parallel_state
+
+    cpu_support.install()
+    p = p or ParallelConfig()
+    use_te = resolve_impl(impl)
+    config = transformer_config(m, p, dtype=dtype, use_te=use_te, initialize=not meta)
+    if pp_rank is None:
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    first, last = pp_rank == 0, pp_rank == p.pipeline - 1
+    block, moe_layer, backend = decoder_specs(config, use_te, m.first_k_dense, stage_layer_ids(config, pp_rank))
+    mtp = mtp_block_spec(config, moe_layer, backend) if (m.mtp_num_layers and last) else None
+    device = torch.device("meta") if meta else contextlib.nullcontext()
+    with device:
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=block,
+            vocab_size=m.vocab_size,
+            max_sequence_length=m.max_position_embeddings,
+            pre_process=first,
+            post_process=last,
+            share_embeddings_and_output_weights=False,
+            position_embedding_type="rope",
+            rotary_percent=m.partial_rotary_factor,
+            rotary_base=m.rope_theta,
+            mtp_block_spec=mtp,
+        )
+    if torch.cuda.is_available() and not meta:
+        model.cuda(torch.cuda.current_device())
+    return model

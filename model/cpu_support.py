@@ -1,0 +1,67 @@
+"""What Megatron-Core 0.16 needs to run on a machine without CUDA, in one place.
+
+`install()` does nothing when CUDA is available: the GPU path never goes through this module.
+Each patch names the Megatron-Core code that needs it; tests/test_cpu_support.py checks each one.
+What is *not* patched here because configuration avoids it: the alltoall token dispatcher creates
+a CUDA stream in its constructor, so CPU runs use the allgather dispatcher (same numbers).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+_installed = False
+
+
+class _DropCpuRngWarning(logging.Filter):
+    # On CPU the "CUDA" RNG tracked by Megatron's RNG tracker *is* the CPU generator, so its check
+    # that the CPU state did not change inside `fork()` fires on every random op; it means nothing.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+
+def _cpu_causal_mask(sq: int) -> torch.Tensor:
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
+def install() -> bool:
+    """Patch Megatron-Core for CPU execution if CUDA is absent. Idempotent. Returns True if active."""
+    global _installed
+    if torch.cuda.is_available():
+        return False
+    if _installed:
+        return True
+
+    # Router buffers (expert_bias, tokens-per-expert), the router's weight move, DDP grad buffers
+    # and dist-checkpointing all pass `device=torch.cuda.current_device()`.
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    # dist_checkpointing and the timers synchronise the device before and after I/O.
+    torch.cuda.synchronize = lambda device=None: None
+
+    # model_parallel_cuda_manual_seed() and the RNG tracker keep per-rank "CUDA" generator states
+    # (tensor-parallel, expert-parallel and data-parallel streams). On CPU those streams are states
+    # of the CPU generator, so initialisation under `fork()` still differs per rank as on GPU.
+    from megatron.core.tensor_parallel import random as mrandom
+
+    torch.cuda.manual_seed = torch.manual_seed
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    mrandom._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+    logging.getLogger(mrandom.__name__).addFilter(_DropCpuRngWarning())
+
+    # The router's gating GEMM tests `te_general_gemm is not None`, but the name is only bound
+    # when Transformer Engine imports, so without it the router raises NameError.
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+    # The unfused softmax builds its default causal mask with device="cuda".
+    from megatron.core.fusions import fused_softmax
+
+    fused_softmax.get_default_causal_mask = _cpu_causal_mask
+
+    _installed = True
+    return True

@@ -1,0 +1,114 @@
+"""glm-model-info: parameter counts, active parameters and training FLOPs of any model config.
+
+The model is built on the meta device (no memory, no initialisation), so GLM-4.5 at full size
+takes seconds on a laptop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+HELP_EPILOG = """\
+overrides use Hydra syntax, e.g.:
+  glm-model-info model=glm45
+  glm-model-info model=glm45_air parallel.tensor=2 parallel.expert=8 parallel.pipeline=4
+  glm-model-info model=smoke model.num_layers=24 --seq-len 8192
+
+The default "total" follows the Hugging Face model (decoder + embedding/output, no MTP layer) and
+the default "active" counts the decoder's weights used per token without embeddings: together the
+conventions closest to the published 355B/32B (GLM-4.5) and 106B/12B (GLM-4.5-Air). Every
+convention is printed and labelled. Training FLOPs use Megatron-Core's per-token formula.
+"""
+
+PART_LABELS = {
+    "attention": "attention (q/k/v/o, biases, QK-Norm)",
+    "dense_mlp": "dense MLP (first-k layers)",
+    "experts": "routed experts",
+    "shared_experts": "shared experts",
+    "router": "router",
+    "norms": "RMSNorm weights",
+    "mtp_proj": "MTP eh_proj",
+}
+
+
+def quiet_megatron_warnings() -> None:
+    for text in ("Apex is not installed", "Transformer Engine and Apex are not installed",
+                 "full scope is deprecated"):
+        warnings.filterwarnings("ignore", message=f".*{text}.*")
+
+
+def _b(n: float) -> str:
+    return f"{n / 1e9:10.3f}B"
+
+
+def report(cfg, seq_len: int) -> str:
+    """Build cfg.model on the meta device and return the printed report."""
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    from model.accounting import count_parameters, stage_parameters_per_gpu, train_flops_per_token
+    from model.build import build_model, transformer_config
+    from pretrain.parallel import ParallelConfig, single_process
+
+    m, p = cfg.model, cfg.parallel
+    with single_process():
+        model = build_model(m, ParallelConfig(), meta=True)
+    counts = count_parameters(model, m)
+    lines = [f"model {m.name}: {m.num_layers} layers ({m.first_k_dense} dense, {m.num_moe_layers} MoE)"
+             f" + {m.mtp_num_layers} MTP, hidden {m.hidden_size}, {m.num_attention_heads}/"
+             f"{m.num_query_groups} heads x {m.head_dim}, {m.num_experts} experts top-{m.moe_router_topk}"
+             f" + {m.num_shared_experts} shared, vocab {m.vocab_size}", ""]
+    lines.append(f"{'part':40s} {'main':>11s} {'MTP':>11s}")
+    for part in sorted(set(counts.main) | set(counts.mtp), key=list(PART_LABELS).index):
+        lines.append(f"{PART_LABELS[part]:40s} {_b(counts.main[part])} {_b(counts.mtp[part])}")
+    lines.append(f"{'embedding':40s} {_b(counts.embedding)}")
+    lines.append(f"{'output layer':40s} {_b(counts.output)}")
+    lines += ["", f"{'convention':62s} {'total':>11s} {'active':>11s}"]
+    for label, total, active in counts.conventions():
+        lines.append(f"{label:62s} {_b(total)} {_b(active)}")
+    lines += ["", f"total parameters:  {counts.default_total / 1e9:.2f}B",
+              f"active per token:  {counts.default_active / 1e9:.2f}B",
+              f"training FLOPs per token at seq {seq_len}: {train_flops_per_token(m, seq_len) / 1e9:.1f} GFLOP"]
+    if p.pipeline > 1 or p.tensor > 1 or p.expert > 1:
+        config = transformer_config(m, p, initialize=False)
+        offsets = [get_transformer_layer_offset(config, pp_rank=r) for r in range(p.pipeline)]
+
+        def stage_of(layer: int) -> int:
+            return max(r for r, o in enumerate(offsets) if o <= layer)
+
+        per_gpu = stage_parameters_per_gpu(model, m, p, stage_of)
+        lines += ["", f"layout tensor={p.tensor} expert={p.expert} expert_tensor={p.expert_tensor} "
+                      f"pipeline={p.pipeline}: parameters per GPU (bf16 weights)"]
+        for r, n in enumerate(per_gpu):
+            layers = [i for i in range(m.num_layers) if stage_of(i) == r]
+            dense = sum(i < m.first_k_dense for i in layers)
+            extra = (["embedding"] if r == 0 else []) + (["output", "MTP"] if r == p.pipeline - 1 else [])
+            lines.append(f"  stage {r}: layers {layers[0]}-{layers[-1]} ({dense} dense)"
+                         f"{' + ' + ', '.join(extra) if extra else ''}: {n / 1e9:.2f}B = {2 * n / 2**30:.1f} GiB")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="glm-model-info", description=__doc__,
+                                     epilog=HELP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides (group=choice, group.field=value)")
+    parser.add_argument("--seq-len", type=int, default=4096, help="sequence length for the FLOP count (default 4096)")
+    parser.add_argument("--config-dir", default=None, help="config tree to use instead of the bundled configs/")
+    args = parser.parse_args(argv)
+    quiet_megatron_warnings()
+
+    from model.config import ConfigError
+    from pretrain.config import compose
+
+    try:
+        cfg = compose(args.overrides, config_dir=args.config_dir)
+    except ConfigError as e:
+        print(f"glm-model-info: {e}", file=sys.stderr)
+        return 2
+    print(report(cfg, args.seq_len))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
