@@ -123,6 +123,20 @@ def build_model(m: ModelConfig, p: ParallelConfig | None = None, *, dtype: torch
             rotary_base=m.rope_theta,
             mtp_block_spec=mtp,
         )
+    _mark_expert_parameters(model)
     if torch.cuda.is_available() and not meta:
         model.cuda(torch.cuda.current_device())
     return model
+
+
+def _mark_expert_parameters(model: GPTModel) -> None:
+    """Mark every routed-expert weight as an expert parameter (allreduce=False).
+
+    Megatron-Core marks them only when expert parallelism is on. With tensor > 1, expert_tensor = 1
+    and expert = 1, each tensor-parallel rank routes its own part of the sequence through the
+    experts, so their gradients must be summed over the expert-data-parallel group (which holds
+    the TP peers); DDP does that only for parameters marked as expert parameters.
+    """
+    for name, param in model.named_parameters():
+        if ".mlp.experts." in name:
+            param.allreduce = False

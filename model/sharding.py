@@ -2,8 +2,7 @@
 
 Whole-model names are the local layer spec's with global layer and expert ids (the names used by
 `model/hf_mapping.py`). How a tensor is split is read off the parameter itself: Megatron marks
-tensor-parallel weights with `tensor_model_parallel` and `partition_dim`, and expert weights with
-`allreduce=False` (their tensor-parallel group is the expert-tensor-parallel group).
+tensor-parallel weights with `tensor_model_parallel` and `partition_dim`; routed-expert weights are split over the expert-tensor-parallel group instead.
 """
 
 from __future__ import annotations
@@ -27,13 +26,10 @@ _DECODER_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _LOCAL_EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
 
 
-def _is_expert(t) -> bool:
-    return not getattr(t, "allreduce", True)
-
-
-def _tp(t) -> tuple[int, int, object]:
+def _tp(whole_name: str) -> tuple[int, int, object]:
     """(rank, size, group) of the tensor-parallel split that applies to this parameter."""
-    if _is_expert(t):
+    # By name: Megatron marks expert weights (allreduce=False) only when expert parallelism is on.
+    if ".mlp.experts." in whole_name:
         return (ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size(),
                 ps.get_expert_tensor_parallel_group())
     return (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(),
@@ -65,7 +61,7 @@ def shard(whole: torch.Tensor, name: str, like) -> torch.Tensor:
     """This rank's piece of whole tensor `name`, split the way parameter/buffer `like` is split."""
     if not getattr(like, "tensor_model_parallel", False):
         return whole
-    rank, size, _ = _tp(like)
+    rank, size, _ = _tp(name)
     dim = like.partition_dim
     if _gated(name):
         return torch.cat([h.chunk(size, dim)[rank] for h in whole.chunk(2, dim)], dim)
@@ -78,7 +74,7 @@ def unshard(piece: torch.Tensor, name: str, like) -> torch.Tensor:
     `name` is the whole-model name."""
     if not getattr(like, "tensor_model_parallel", False):
         return piece
-    _, size, group = _tp(like)
+    _, size, group = _tp(name)
     if size == 1:
         return piece
     pieces = [torch.empty_like(piece) for _ in range(size)]
