@@ -91,6 +91,18 @@ def stage_layer_ids(config: TransformerConfig, pp_rank: int) -> list[int]:
     return list(range(offset, offset + get_num_layers_to_build(config, pp_rank=pp_rank)))
 
 
+def stage_plan(m: ModelConfig, p: ParallelConfig, pp_rank: int) -> dict:
+    """What pipeline stage `pp_rank` holds: decoder layers (global ids), embedding, output head, MTP.
+
+    Megatron-Core's placement: embedding on the first stage; final norm, output layer and MTP
+    on the last (MTP shares the embedding, which Megatron keeps in sync across the two stages).
+    """
+    config = transformer_config(m, p, initialize=False)
+    last = pp_rank == p.pipeline - 1
+    return dict(layers=stage_layer_ids(config, pp_rank), embedding=pp_rank == 0, output=last,
+                mtp=bool(m.mtp_num_layers) and last)
+
+
 def build_model(m: ModelConfig, p: ParallelConfig | None = None, *, dtype: torch.dtype = torch.float32,
                 impl: str = "auto", meta: bool = False, pp_rank: int | None = None) -> GPTModel:
     """Build this rank's part of the model. Megatron's process groups must exist (init_distributed).
@@ -105,9 +117,9 @@ def build_model(m: ModelConfig, p: ParallelConfig | None = None, *, dtype: torch
     config = transformer_config(m, p, dtype=dtype, use_te=use_te, initialize=not meta)
     if pp_rank is None:
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    first, last = pp_rank == 0, pp_rank == p.pipeline - 1
-    block, moe_layer, backend = decoder_specs(config, use_te, m.first_k_dense, stage_layer_ids(config, pp_rank))
-    mtp = mtp_block_spec(config, moe_layer, backend) if (m.mtp_num_layers and last) else None
+    plan = stage_plan(m, p, pp_rank)
+    block, moe_layer, backend = decoder_specs(config, use_te, m.first_k_dense, plan["layers"])
+    mtp = mtp_block_spec(config, moe_layer, backend) if plan["mtp"] else None
     device = torch.device("meta") if meta else contextlib.nullcontext()
     with device:
         model = GPTModel(
@@ -115,8 +127,8 @@ def build_model(m: ModelConfig, p: ParallelConfig | None = None, *, dtype: torch
             transformer_layer_spec=block,
             vocab_size=m.vocab_size,
             max_sequence_length=m.max_position_embeddings,
-            pre_process=first,
-            post_process=last,
+            pre_process=plan["embedding"],
+            post_process=plan["output"],
             share_embeddings_and_output_weights=False,
             position_embedding_type="rope",
             rotary_percent=m.partial_rotary_factor,

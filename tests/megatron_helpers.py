@@ -4,7 +4,7 @@ import torch
 
 
 def positions(ids: torch.Tensor) -> torch.Tensor:
-    return torch.arange(ids.shape[1])[None].expand_as(ids)
+    return torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)
 
 
 def logits(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

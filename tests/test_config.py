@@ -1,0 +1,62 @@
+"""Config composition and start-up validation."""
+
+import pytest
+
+from model.config import ConfigError
+from pretrain.config import compose
+
+# ../shared/GLM45_FACTS.md, architecture table.
+FACTS = {
+    "glm45": dict(hidden_size=5120, num_layers=92, num_attention_heads=96, num_query_groups=8, head_dim=128,
+                  ffn_hidden_size=12288, moe_ffn_hidden_size=1536, num_experts=160, num_shared_experts=1,
+                  moe_router_topk=8, first_k_dense=3, routed_scaling_factor=2.5, qk_norm=True,
+                  partial_rotary_factor=0.5, rope_theta=1e6, max_position_embeddings=131072, vocab_size=151552,
+                  qkv_bias=True, mtp_num_layers=1, rms_norm_eps=1e-5, norm_topk_prob=True),
+    "glm45_air": dict(hidden_size=4096, num_layers=46, num_attention_heads=96, num_query_groups=8, head_dim=128,
+                      ffn_hidden_size=10944, moe_ffn_hidden_size=1408, num_experts=128, num_shared_experts=1,
+                      moe_router_topk=8, first_k_dense=1, routed_scaling_factor=1.0, qk_norm=False,
+                      partial_rotary_factor=0.5, rope_theta=1e6, max_position_embeddings=131072,
+                      vocab_size=151552, qkv_bias=True, mtp_num_layers=1, rms_norm_eps=1e-5, norm_topk_prob=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FACTS))
+def test_published_models_have_the_published_values(name):
+    cfg = compose([f"model={name}"]).model
+    for field, value in FACTS[name].items():
+        assert getattr(cfg, field) == value, field
+
+
+@pytest.mark.parametrize("name", ["smoke", "tiny"])
+def test_small_models_switch_every_feature_on(name):
+    m = compose([f"model={name}"]).model
+    assert m.qk_norm and m.qkv_bias and m.mtp_num_layers >= 1 and m.num_shared_experts >= 1
+    assert 0 < m.first_k_dense < m.num_layers and m.partial_rotary_factor == 0.5
+    assert m.routed_scaling_factor != 1.0 and m.num_query_groups < m.num_attention_heads
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["+model.bogus=1"], r"model/smoke\.yaml: model\.bogus: Key 'bogus' not in 'ModelConfig'"),
+    (["model.num_layers=many"], r"model/smoke\.yaml: model\.num_layers: Value 'many'"),
+    (["model=glm45", "parallel.tensor=5"], r"parallel\.tensor=5 does not divide model\.num_attention_heads=96"),
+    (["model=glm45_air", "parallel.tensor=16"], r"parallel\.tensor=16 does not divide model\.num_query_groups=8"),
+    (["model=glm45", "parallel.expert=3"], r"parallel\.expert=3 does not divide model\.num_experts=160"),
+    (["model=glm45", "parallel.pipeline=5"], r"parallel\.pipeline=5 does not divide model\.num_layers=92"),
+    (["model=glm45", "parallel.tensor=2", "parallel.sequence_parallel=false"], r"sequence_parallel=False must be true"),
+    (["model.num_query_groups=3"], r"model\.num_query_groups=3 must divide num_attention_heads=8"),
+    (["model.moe_router_topk=99"], r"model\.moe_router_topk=99 exceeds num_experts=16"),
+    (["model.norm_topk_prob=false"], r"model\.norm_topk_prob=False must be true"),
+    (["model=nonexistent"], r"Could not find 'model/nonexistent'"),
+])
+def test_bad_config_fails_naming_file_field_and_value(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        compose(overrides)
+
+
+def test_world_size_must_fit_the_layout():
+    cfg = compose(["model=glm45", "parallel.tensor=8", "parallel.pipeline=4", "parallel.expert=16"])
+    cfg.validate(world_size=256)
+    with pytest.raises(ConfigError, match="world size 96 is not divisible by expert\\*expert_tensor\\*pipeline=64"):
+        cfg.validate(world_size=96)
+    with pytest.raises(ConfigError, match="world size 48 is not divisible by tensor\\*pipeline\\*context=32"):
+        cfg.validate(world_size=48)
