@@ -39,8 +39,8 @@ def quiet_megatron_warnings() -> None:
         warnings.filterwarnings("ignore", message=f".*{text}.*")
 
 
-def _b(n: float) -> str:
-    return f"{n / 1e9:10.3f}B"
+def _human(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
 def report(cfg, seq_len: int) -> str:
@@ -55,6 +55,11 @@ def report(cfg, seq_len: int) -> str:
     with single_process():
         model = build_model(m, ParallelConfig(), meta=True)
     counts = count_parameters(model, m)
+    scale, unit = (1e9, "B") if counts.default_total >= 1e9 else (1e6, "M")
+
+    def _b(n: float) -> str:
+        return f"{n / scale:10.3f}{unit}"
+
     lines = [f"model {m.name}: {m.num_layers} layers ({m.first_k_dense} dense, {m.num_moe_layers} MoE)"
              f" + {m.mtp_num_layers} MTP, hidden {m.hidden_size}, {m.num_attention_heads}/"
              f"{m.num_query_groups} heads x {m.head_dim}, {m.num_experts} experts top-{m.moe_router_topk}"
@@ -67,8 +72,8 @@ def report(cfg, seq_len: int) -> str:
     lines += ["", f"{'convention':62s} {'total':>11s} {'active':>11s}"]
     for label, total, active in counts.conventions():
         lines.append(f"{label:62s} {_b(total)} {_b(active)}")
-    lines += ["", f"total parameters:  {counts.default_total / 1e9:.2f}B",
-              f"active per token:  {counts.default_active / 1e9:.2f}B",
+    lines += ["", f"total parameters:  {_human(counts.default_total)}",
+              f"active per token:  {_human(counts.default_active)}",
               f"training FLOPs per token at seq {seq_len}: {train_flops_per_token(m, seq_len) / 1e9:.1f} GFLOP"]
     if p.pipeline > 1 or p.tensor > 1 or p.expert > 1:
         config = transformer_config(m, p, initialize=False)
@@ -85,7 +90,7 @@ def report(cfg, seq_len: int) -> str:
             dense = sum(i < m.first_k_dense for i in layers)
             extra = (["embedding"] if r == 0 else []) + (["output", "MTP"] if r == p.pipeline - 1 else [])
             lines.append(f"  stage {r}: layers {layers[0]}-{layers[-1]} ({dense} dense)"
-                         f"{' + ' + ', '.join(extra) if extra else ''}: {n / 1e9:.2f}B = {2 * n / 2**30:.1f} GiB")
+                         f"{' + ' + ', '.join(extra) if extra else ''}: {_human(n)} = {2 * n / 2**30:.1f} GiB")
     return "\n".join(lines)
 
 

@@ -66,7 +66,7 @@ class ParallelConfig:
         return self
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -89,7 +89,7 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_s: int 
         rank = int(os.environ.get("RANK", 0))
         world = int(os.environ.get("WORLD_SIZE", 1))
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -117,16 +117,16 @@ def shutdown_distributed() -> None:
 
 
 @contextlib.contextmanager
-def single_process(parallel: ParallelConfig | None = None):
+def single_process():
     """A world of one for tools that need Megatron's process groups but no peers (model-info)."""
     import torch.distributed as dist
 
     started = not dist.is_initialized()
     saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
     if started:
-        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_PORT=str(_free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_PORT=str(free_port()))
     try:
-        init_distributed(parallel or ParallelConfig())
+        init_distributed(ParallelConfig())
         yield
     finally:
         if started:

@@ -1,17 +1,12 @@
 """Run a function in N fresh gloo processes (a world of N on this machine) and collect results."""
 
 import os
-import socket
 import traceback
 
 import torch
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from pretrain.parallel import free_port
 
 
 def _entry(rank, world, port, out_dir, fn, args):
@@ -30,7 +25,7 @@ def run(fn, world: int, *args, out_dir: str):
     """fn(rank, *args) on `world` processes; returns the list of per-rank results."""
     os.makedirs(out_dir, exist_ok=True)
     try:
-        mp.start_processes(_entry, args=(world, _free_port(), out_dir, fn, args), nprocs=world,
+        mp.start_processes(_entry, args=(world, free_port(), out_dir, fn, args), nprocs=world,
                            join=True, start_method="spawn")
     except mp.ProcessRaisedException:
         pass  # the worker's own traceback is reported below
