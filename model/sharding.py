@@ -2,7 +2,8 @@
 
 Whole-model names are the local layer spec's with global layer and expert ids (the names used by
 `model/hf_mapping.py`). How a tensor is split is read off the parameter itself: Megatron marks
-tensor-parallel weights with `tensor_model_parallel` and `partition_dim`; routed-expert weights are split over the expert-tensor-parallel group instead.
+tensor-parallel weights with `tensor_model_parallel` and `partition_dim`; routed-expert weights
+are split over the expert-tensor-parallel group instead.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ def _tp(whole_name: str) -> tuple[int, int, object]:
             ps.get_tensor_model_parallel_group())
 
 
+def _experts_per_rank(model) -> int:
+    return model.config.num_moe_experts // ps.get_expert_model_parallel_world_size()
+
+
 def whole_name(local: str, model) -> str:
     """This rank's state-dict name -> the whole-model name (global layer and expert ids)."""
     for pattern, repl in _TE_RENAMES:
@@ -46,8 +51,7 @@ def whole_name(local: str, model) -> str:
         local = f"decoder.layers.{int(m.group(1)) + offset}." + local[m.end():]
     m = _LOCAL_EXPERT.search(local)
     if m:
-        per_rank = model.config.num_moe_experts // ps.get_expert_model_parallel_world_size()
-        e = ps.get_expert_model_parallel_rank() * per_rank + int(m.group(1))
+        e = ps.get_expert_model_parallel_rank() * _experts_per_rank(model) + int(m.group(1))
         local = local[:m.start()] + f".mlp.experts.local_experts.{e}." + local[m.end():]
     return local
 
@@ -125,12 +129,13 @@ def gather_whole(model, value: Callable[[torch.Tensor], torch.Tensor | None] = l
             continue
         key = whole_name(name, model)
         whole = unshard(v.detach(), key, t)
-        if _LOCAL_EXPERT.search(name) and ep_size > 1:
+        expert = _LOCAL_EXPERT.search(key)  # on the whole name, so TE's grouped experts match too
+        if expert and ep_size > 1:
             # Each expert-parallel rank holds different experts: gather them all, by global id.
             pieces = [torch.empty_like(whole) for _ in range(ep_size)]
             dist.all_gather(pieces, whole.contiguous(), group=ps.get_expert_model_parallel_group())
-            local_id = int(_LOCAL_EXPERT.search(name).group(1))
-            per_rank = model.config.num_moe_experts // ep_size
+            per_rank = _experts_per_rank(model)
+            local_id = int(expert.group(1)) - ps.get_expert_model_parallel_rank() * per_rank
             for r, p in enumerate(pieces):
                 out[_LOCAL_EXPERT.sub(f".mlp.experts.local_experts.{r * per_rank + local_id}.", key)] = p
         else:
