@@ -13,24 +13,27 @@ from typing import Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from data.config import DataConfig
 from model.config import ConfigError, ModelConfig
 from pretrain.parallel import ParallelConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 # group name -> schema; each group's file is configs/<group>/<choice>.yaml
-SCHEMAS = {"model": ModelConfig, "parallel": ParallelConfig}
+SCHEMAS = {"model": ModelConfig, "parallel": ParallelConfig, "data": DataConfig}
 
 
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     sources: dict = field(default_factory=dict)  # group -> file it came from, for error messages
 
     def validate(self, world_size: int | None = None) -> "Config":
         self.model.validate(self.sources.get("model", "model"))
         self.parallel.validate(self.model, world_size, self.sources.get("parallel", "parallel"))
+        self.data.validate(self.sources.get("data", "data"))
         return self
 
 

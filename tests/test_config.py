@@ -60,3 +60,24 @@ def test_world_size_must_fit_the_layout():
         cfg.validate(world_size=96)
     with pytest.raises(ConfigError, match="world size 48 is not divisible by tensor\\*pipeline\\*context=32"):
         cfg.validate(world_size=48)
+
+
+@pytest.mark.parametrize("stage,seq,packing", [("smoke", 1024, "concat"), ("stage1", 4096, "concat"),
+                                               ("stage2", 4096, "concat"), ("mid_32k", 32768, "best_fit"),
+                                               ("long_128k", 131072, "best_fit")])
+def test_data_stages_compose(stage, seq, packing):
+    data = compose([f"data={stage}"]).data
+    assert (data.seq_length, data.packing) == (seq, packing)
+    assert abs(sum(data.weights()) - 1.0) < 1e-9
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["data.packing=greedy"], r"data/smoke.yaml: data.packing='greedy' is not one of"),
+    (["data.on_error=ignore"], r"data/smoke.yaml: data.on_error='ignore' is not one of"),
+    (["data.sources.1.weight=0"], r"data/smoke.yaml: data.sources\[1\] \('code'\).weight=0.0 must be positive"),
+    (["data.seq_length=0"], r"data/smoke.yaml: data.seq_length=0 must be positive"),
+    (["data.sources.1.name=general"], r"data/smoke.yaml: data.sources names repeat"),
+])
+def test_bad_data_config_names_file_and_field(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        compose(overrides)

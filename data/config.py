@@ -1,0 +1,60 @@
+"""The data side of a training stage, as a Hydra structured config (configs/data/*.yaml)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from omegaconf import MISSING
+
+from model.config import ConfigError
+
+PACKING = ("concat", "best_fit")
+ON_ERROR = ("fail", "skip")
+
+
+@dataclass
+class SourceConfig:
+    name: str = MISSING
+    # a prepared directory, or a manifest.json path or URL (pipe:/http)
+    path: str = MISSING
+    # optional brace pattern for the shards, e.g. "pipe:aws s3 cp s3://b/code/shard-{000000..000127}.tar -"
+    urls: Optional[str] = None
+    # share of the stage's sequences drawn from this source (normalised over the sources)
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    seq_length: int = 4096
+    packing: str = "concat"  # concat (pre-training) | best_fit (mid-training: whole documents)
+    shuffle_window: int = 256  # stored samples (groups of documents) shuffled together per reader
+    pack_window: int = 64  # best_fit: sequences' worth of documents packed together
+    seed: int = 1234
+    num_workers: int = 2  # dataloader worker processes per data-parallel rank (0: in the main process)
+    on_error: str = "fail"  # fail | skip (bad samples and shards are logged, counted and reported)
+
+    def validate(self, where: str = "data") -> "DataConfig":
+        if not self.sources:
+            raise ConfigError(f"{where}: data.sources is empty; name at least one prepared dataset")
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{where}: data.sources names repeat: {names}")
+        for i, s in enumerate(self.sources):
+            if not s.weight > 0:
+                raise ConfigError(f"{where}: data.sources[{i}] ('{s.name}').weight={s.weight} must be positive")
+        if self.packing not in PACKING:
+            raise ConfigError(f"{where}: data.packing={self.packing!r} is not one of {PACKING}")
+        if self.on_error not in ON_ERROR:
+            raise ConfigError(f"{where}: data.on_error={self.on_error!r} is not one of {ON_ERROR}")
+        for name in ("seq_length", "shuffle_window", "pack_window"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}: data.{name}={getattr(self, name)} must be positive")
+        if self.num_workers < 0:
+            raise ConfigError(f"{where}: data.num_workers={self.num_workers} must be >= 0")
+        return self
+
+    def weights(self) -> list[float]:
+        total = sum(s.weight for s in self.sources)
+        return [s.weight / total for s in self.sources]

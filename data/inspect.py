@@ -1,0 +1,122 @@
+"""`glm-data inspect`: what is in a shard, a dataset, or the mixture a stage would produce."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import zstandard
+
+from data import format as fmt, tokenizer as toks
+from data.stream import ErrorPolicy, open_dataset, read_shard
+
+
+def _preview(text: str, width: int) -> str:
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= width else text[:width] + f"... ({len(text):,} chars)"
+
+
+def _tokenizer_beside(path: Path, given: str | None):
+    candidate = Path(given) if given else path / fmt.TOKENIZER
+    return toks.load(candidate) if candidate.exists() else None
+
+
+def shard(path: str, samples: int, width: int, tokenizer: str | None, out: io.TextIOBase) -> None:
+    """The first `samples` samples of one shard file, decoded to text when a tokenizer is at hand."""
+    p = Path(path)
+    tok = _tokenizer_beside(p.parent, tokenizer)
+    manifest_path = p.parent / fmt.MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    dtype, vocab = manifest.get("dtype"), manifest.get("tokenizer", {}).get("vocab_size", 1 << 32)
+    ds = open_dataset("inspect", str(p.parent)) if manifest else None
+    index = next((i for i, s in enumerate(manifest.get("shards", [])) if s["name"] == p.name), None)
+    if ds is None or index is None:
+        raise fmt.DataError(f"{path}: no manifest beside it that lists this shard")
+    dec = zstandard.ZstdDecompressor()
+    for n, (where, raw) in enumerate(read_shard(ds, index, ErrorPolicy())):
+        if n >= samples:
+            break
+        tokens, meta = fmt.decode_sample(raw, dtype, vocab, where, dec)
+        print(f"{raw['__key__']}: {len(meta['docs'])} document(s), {len(tokens):,} tokens", file=out)
+        for doc, piece in zip(meta["docs"], np.split(tokens, np.cumsum(meta["lengths"])[:-1])):
+            text = tok.decode(piece.tolist(), skip_special_tokens=False) if tok else str(piece[:16].tolist())
+            print(f"  {doc} [{len(piece):,} tokens]: {_preview(text, width)}", file=out)
+
+
+def dataset(path: str, samples: int, width: int, out: io.TextIOBase) -> None:
+    """A dataset's manifest in brief: totals, the tokenizer, tokens per input, shard sizes."""
+    ds = open_dataset(Path(path).name, path)
+    m = ds.manifest
+    t = m["totals"]
+    tok = m["tokenizer"]
+    print(f"{ds.where}\n  name {m['name']} ({m['kind']}), format v{m['format_version']}, tokens as {m['dtype']}", file=out)
+    print(f"  {t['documents']:,} documents, {t['tokens']:,} tokens, {t['samples']:,} samples, "
+          f"{len(m['shards'])} shards, {t['bytes'] / 1e6:.1f} MB", file=out)
+    print(f"  tokenizer: {tok['source']}, vocab {tok['vocab_size']}, sha256 {tok['sha256'][:12]}, "
+          f"special ids {tok['special_ids']}", file=out)
+    opts = m.get("options", {})
+    if m["kind"] == "code":
+        print(f"  FIM rate {opts.get('fim_rate')}, SPM share {opts.get('fim_spm_rate')}", file=out)
+    sizes = [s["tokens"] for s in m["shards"]]
+    print(f"  tokens per shard: min {min(sizes):,}, median {int(np.median(sizes)):,}, max {max(sizes):,}", file=out)
+    print("  tokens per input:", file=out)
+    for item in sorted(m["inputs"], key=lambda i: -i["tokens"])[:20]:
+        print(f"    {item['tokens']:>14,}  {item['documents']:>9,} docs  {item['path']}", file=out)
+    if len(m["inputs"]) > 20:
+        print(f"    ... and {len(m['inputs']) - 20} more inputs", file=out)
+    if samples and not path.startswith("pipe:"):
+        print(f"first {samples} sample(s) of {m['shards'][0]['name']}:", file=out)
+        shard(str(Path(ds.urls[0])), samples, width, None, out)
+
+
+def verify(path: str, out: io.TextIOBase) -> int:
+    """Read every shard of a dataset, checking checksums, counts and every sample; returns problems found."""
+    from tqdm import tqdm
+
+    ds = open_dataset(Path(path).name, path)
+    policy = ErrorPolicy("skip")
+    dec = zstandard.ZstdDecompressor()
+    for i in tqdm(range(len(ds.urls)), unit=" shard", desc="verify"):
+        for where, raw in read_shard(ds, i, policy):
+            try:
+                fmt.decode_sample(raw, ds.dtype, ds.vocab_size, where, dec)
+            except fmt.DataError as e:
+                policy.bad(e, "skipped_samples")
+    bad = sum(policy.counts.values())
+    print(f"{ds.where}: {len(ds.urls)} shards read, {policy.counts['skipped_shards']} bad shard(s), "
+          f"{policy.counts['skipped_samples']} bad sample(s)", file=out)
+    return bad
+
+
+def mixture(overrides: list[str], sequences: int, micro_batch: int, width: int, out: io.TextIOBase) -> None:
+    """Run a stage's loader (in this process) and report what it delivers, per source."""
+    from data.loader import TokenLoader
+    from pretrain.config import compose
+
+    cfg = compose(overrides).data
+    cfg.num_workers = 0
+    loader = TokenLoader(cfg, micro_batch=micro_batch)
+    tok = toks.load(Path(loader.datasets[0].urls[0]).parent / fmt.TOKENIZER) \
+        if not loader.datasets[0].urls[0].startswith("pipe:") else None
+    batches = loader.take(max(1, sequences // micro_batch))
+    n_seq = len(batches) * micro_batch
+    stats = loader.stats()
+    mask = sum(float(b["loss_mask"].sum()) for b in batches)
+    total = n_seq * cfg.seq_length
+    print(f"stage: {cfg.seq_length} tokens per sequence, packing {cfg.packing}, {n_seq} sequences drawn", file=out)
+    print(f"  {'source':<24}{'weight':>8}{'sequences':>11}{'share':>8}", file=out)
+    for s, w in zip(cfg.sources, cfg.weights()):
+        got = stats.get(f"sequences/{s.name}", 0)
+        print(f"  {s.name:<24}{w:>8.3f}{got:>11}{got / n_seq:>8.3f}", file=out)
+    print(f"  tokens with a loss: {mask / total:.1%} (the rest is padding or document ends)", file=out)
+    first = batches[0]["tokens"][0].tolist()
+    text = tok.decode(first, skip_special_tokens=False) if tok else str(first[:32])
+    print(f"first sequence: {_preview(text, width)}", file=out)
+    eod = Counter()
+    for b in batches:
+        eod.update(b["tokens"].flatten().tolist())
+    top = ", ".join(f"{tok.id_to_token(i) if tok else i}:{c}" for i, c in eod.most_common(8))
+    print(f"most frequent tokens: {top}", file=out)

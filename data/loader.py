@@ -1,0 +1,229 @@
+"""The training data loader: a weighted mixture of prepared datasets, packed into sequences of the
+stage's length, split across data-parallel ranks and dataloader workers, exactly resumable.
+
+Each (rank, worker) pair is one reader slot with its own disjoint shards of every source. A slot's
+mixture picks, for every sequence, the source furthest behind its weight (smooth weighted
+round-robin: proportions are exact to within one sequence, with no randomness to save).
+
+State (`state_dict`) is a few integers per slot and source. Resuming:
+- same data-parallel size, workers, seed and shuffle window: exact - the stream continues with the
+  next sequence, nothing repeated or skipped;
+- same layout but another sequence length or packing (a new stage): each source continues from the
+  next stored sample it had not started; new sources start fresh;
+- another data-parallel size or worker count (or seed, or shuffle window): every shard that any old
+  reader had started in its epoch counts as read, the unread shards of those epochs are dealt to the
+  new readers, and later epochs follow as usual. Nothing is repeated; skipped at most is the unread
+  rest of one started shard per old reader and source. This needs the states of all old ranks.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data import format as fmt
+from data.config import DataConfig
+from data.packing import BestFitPacker, ConcatPacker
+from data.stream import Dataset, ErrorPolicy, SlotStream, open_dataset
+
+STATE_VERSION = 1
+
+
+def open_sources(cfg: DataConfig, model_vocab: int | None = None) -> list[Dataset]:
+    """Open every source's manifest and check they share one tokenizer that fits the model."""
+    datasets = [open_dataset(s.name, s.path, s.urls) for s in cfg.sources]
+    first = datasets[0]
+    for ds in datasets[1:]:
+        if ds.tokenizer_sha != first.tokenizer_sha:
+            raise fmt.DataError(f"sources '{first.name}' and '{ds.name}' were tokenised with different tokenizers "
+                                f"({first.where}: {first.tokenizer_sha[:12]}, {ds.where}: {ds.tokenizer_sha[:12]})")
+    if model_vocab is not None and first.vocab_size > model_vocab:
+        raise fmt.DataError(f"{first.where}: tokenizer vocabulary {first.vocab_size} exceeds the model's "
+                            f"vocab_size {model_vocab}")
+    return datasets
+
+
+def _stage_key(cfg: DataConfig) -> dict:
+    return {"seq_length": cfg.seq_length, "packing": cfg.packing, "pack_window": cfg.pack_window}
+
+
+class Mixture:
+    """One slot's sequences: a packer per source, chosen by smooth weighted round-robin."""
+
+    def __init__(self, cfg: DataConfig, datasets: list[Dataset], slot: int, n_slots: int, saved: dict | None):
+        self.cfg, self.datasets = cfg, datasets
+        self.weights = np.array(cfg.weights())
+        saved = saved or {}
+        self.policy = ErrorPolicy(cfg.on_error, dict(saved.get("stats") or ErrorPolicy().counts))
+        mix = saved.get("mixture", {})
+        same_mix = mix.get("names") == [d.name for d in datasets] and np.allclose(mix.get("weights", []), self.weights)
+        self.counts = np.array(mix["counts"] if same_mix else [0] * len(datasets), dtype=np.int64)
+        self.streams, self.packers = [], []
+        for ds in datasets:
+            s = saved.get("sources", {}).get(ds.name, {})
+            start = s.get("packer", {}).get("at") or s.get("live")
+            stream = SlotStream(ds, slot, n_slots, cfg.seed, cfg.shuffle_window, ds.vocab_size, self.policy,
+                                exclude=s.get("exclude"), position=start)
+            packer_state = s.get("packer")
+            if cfg.packing == "concat":
+                packer = ConcatPacker(stream, cfg.seq_length, packer_state)
+            else:
+                packer = BestFitPacker(stream, cfg.seq_length, cfg.pack_window, cfg.seed, packer_state)
+            self.streams.append(stream)
+            self.packers.append(packer)
+
+    def batch(self, size: int) -> np.ndarray:
+        """The next `size` sequences, packed in one int64 array (see `unpack`)."""
+        if self.cfg.packing == "concat":
+            out = np.empty((size, self.cfg.seq_length + 1), dtype=np.int64)
+        else:
+            out = np.empty((5, size, self.cfg.seq_length), dtype=np.int64)
+        for row in range(size):
+            i = int(np.argmax(self.weights * (self.counts.sum() + 1) - self.counts))
+            self.counts[i] += 1
+            self.packers[i].fill(out[row] if self.cfg.packing == "concat" else out[:, row])
+        return out
+
+    def state(self) -> dict:
+        return {"mixture": {"names": [d.name for d in self.datasets], "weights": self.weights.tolist(),
+                            "counts": self.counts.tolist()},
+                "stats": dict(self.policy.counts),
+                "sources": {ds.name: {"dataset": ds.identity, "live": st.position(), "packer": p.state(),
+                                      "exclude": {str(e): v for e, v in st.exclude.items()}}
+                            for ds, st, p in zip(self.datasets, self.streams, self.packers)}}
+
+
+def unpack(packed: torch.Tensor, packing: str) -> dict:
+    """One tensor per batch crosses from a worker (one shared-memory segment); the fields are views of it."""
+    if packing == "concat":
+        b, s = packed.shape[0], packed.shape[1] - 1
+        return {"tokens": packed[:, :-1], "labels": packed[:, 1:], "loss_mask": torch.ones(b, s),
+                "position_ids": torch.arange(s).expand(b, s)}
+    tokens, labels, mask, positions, segments = packed
+    return {"tokens": tokens, "labels": labels, "loss_mask": mask.float(), "position_ids": positions,
+            "segment_ids": segments}
+
+
+def _as_is(item):
+    return item
+
+
+class _Slots(IterableDataset):
+    """What each dataloader worker runs: its logical worker's mixture, in micro-batches."""
+
+    def __init__(self, cfg, datasets, rank, n_ranks, n_workers, micro_batch, saved, first):
+        self.cfg, self.datasets, self.rank, self.n_ranks = cfg, datasets, rank, n_ranks
+        self.n_workers, self.micro_batch, self.saved, self.first = n_workers, micro_batch, saved, first
+
+    def __iter__(self):
+        info = get_worker_info()
+        # DataLoader always asks physical worker 0 first; start it on the logical worker that is due
+        w = ((info.id if info else 0) + self.first) % self.n_workers
+        mixture = Mixture(self.cfg, self.datasets, self.rank * self.n_workers + w,
+                          self.n_ranks * self.n_workers, self.saved[w])
+        while True:
+            yield torch.from_numpy(mixture.batch(self.micro_batch)), w, mixture.state()
+
+
+class TokenLoader:
+    """Iterate for micro-batches of {tokens, labels, loss_mask, position_ids[, segment_ids]} (int64/float32,
+    shape [micro_batch, seq_length]); `state_dict()` after any batch resumes right after it."""
+
+    def __init__(self, cfg: DataConfig, micro_batch: int, rank: int = 0, n_ranks: int = 1,
+                 model_vocab: int | None = None, states: list[dict] | None = None, pin_memory: bool = False):
+        cfg.validate()
+        self.cfg, self.micro_batch, self.rank, self.n_ranks = cfg, micro_batch, rank, n_ranks
+        self.n_workers = max(1, cfg.num_workers)
+        self.pin_memory = pin_memory
+        self.datasets = open_sources(cfg, model_vocab)
+        self.layout = {"n_ranks": n_ranks, "workers": self.n_workers, "seed": cfg.seed,
+                       "shuffle_window": cfg.shuffle_window}
+        self.worker_states, self.next_worker = self._restore(states)
+
+    # --- state -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "layout": dict(self.layout), "stage": _stage_key(self.cfg),
+                "rank": self.rank, "next_worker": self.next_worker, "workers": copy.deepcopy(self.worker_states)}
+
+    def stats(self) -> dict:
+        """Counts for the training metrics: bad data skipped, sequences drawn per source (this rank)."""
+        out = {k: sum(w.get("stats", {}).get(k, 0) for w in self.worker_states) for k in ErrorPolicy().counts}
+        for w in self.worker_states:
+            mix = w.get("mixture", {})
+            for name, n in zip(mix.get("names", []), mix.get("counts", [])):
+                out[f"sequences/{name}"] = out.get(f"sequences/{name}", 0) + n
+        return out
+
+    def _restore(self, states: list[dict] | None) -> tuple[list[dict], int]:
+        fresh = [{} for _ in range(self.n_workers)]
+        if not states:
+            return fresh, 0
+        for s in states:
+            if s.get("version") != STATE_VERSION:
+                raise fmt.DataError(f"loader state version {s.get('version')} is not {STATE_VERSION}")
+        old_layout = states[0]["layout"]
+        if len(states) != old_layout["n_ranks"]:
+            raise fmt.DataError(f"loader state: {len(states)} rank states given, the saved run had "
+                                f"{old_layout['n_ranks']}; pass every rank's state")
+        known = {ds.name: ds.identity for ds in self.datasets}
+        for s in states:
+            for w in s["workers"]:
+                for name, src in w.get("sources", {}).items():
+                    if name in known and src["dataset"] != known[name]:
+                        raise fmt.DataError(f"source '{name}': the saved position belongs to another version of "
+                                            "the dataset (its shards changed since the checkpoint)")
+        if old_layout == self.layout:
+            mine = states[self.rank]
+            same_stage = mine["stage"] == _stage_key(self.cfg)
+            workers = []
+            for w in mine["workers"]:
+                sources = {n: (src if same_stage else {"live": src["live"], "exclude": src["exclude"]})
+                           for n, src in w.get("sources", {}).items() if n in known}
+                workers.append({**w, "sources": sources})
+            return workers, mine["next_worker"] if same_stage else 0
+        return self._redeal(states), 0
+
+    def _redeal(self, states: list[dict]) -> list[dict]:
+        """Start every new slot where the old slots, taken together, had got to (shard granularity)."""
+        old = states[0]["layout"]
+        n_old = old["n_ranks"] * old["workers"]
+        sources = {}
+        for ds in self.datasets:
+            olds = [(s["rank"] * old["workers"] + w, src["live"], src["exclude"])
+                    for s in states for w, ws in enumerate(s["workers"])
+                    for n, src in ws.get("sources", {}).items() if n == ds.name]
+            if not olds:
+                continue
+            streams = [SlotStream(ds, slot, n_old, old["seed"], old["shuffle_window"], ds.vocab_size, ErrorPolicy(),
+                                  exclude=excl, position=live) for slot, live, excl in olds]
+            first = min(st.pos["epoch"] for st in streams)
+            last = max(st.pos["epoch"] for st in streams)
+            exclude = {str(e): sorted({s for st in streams for s in [*st.exclude.get(e, ()), *st.consumed_shards(e)]})
+                       for e in range(first, last + 1)}
+            sources[ds.name] = {"live": {"epoch": first, "window": 0, "emitted": 0}, "exclude": exclude}
+        stats = {k: sum(w.get("stats", {}).get(k, 0) for s in states for w in s["workers"]) for k in ErrorPolicy().counts}
+        return [{"sources": copy.deepcopy(sources), "stats": dict(stats) if i == 0 and self.rank == 0 else {}}
+                for i in range(self.n_workers)]
+
+    # --- iteration ---------------------------------------------------------------------------------
+    def producer(self) -> IterableDataset:
+        """What the dataloader workers run: yields (packed batch, logical worker, its state after the batch)."""
+        return _Slots(self.cfg, self.datasets, self.rank, self.n_ranks, self.n_workers, self.micro_batch,
+                      copy.deepcopy(self.worker_states), self.next_worker)
+
+    def __iter__(self):
+        slots = self.producer()
+        loader = DataLoader(slots, batch_size=None, num_workers=self.cfg.num_workers, pin_memory=self.pin_memory,
+                            prefetch_factor=4 if self.cfg.num_workers else None, collate_fn=_as_is)
+        for packed, w, state in loader:
+            self.worker_states[w] = state
+            self.next_worker = (w + 1) % self.n_workers
+            yield unpack(packed, self.cfg.packing)
+
+    def take(self, n: int) -> list[dict]:
+        """The next n micro-batches (convenience for inspection and tests)."""
+        return list(itertools.islice(iter(self), n))

@@ -1,0 +1,182 @@
+"""prepare -> inspect -> load on the embedded corpus and on user files; FIM; reproducibility."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+
+import numpy as np
+import pytest
+import zstandard
+
+from data import cli, format as fmt, tokenizer as toks
+from data.corpus import documents
+from data.loader import TokenLoader
+from data.prepare import Options, prepare
+from data.stream import ErrorPolicy, open_dataset, read_shard
+from tests.data_helpers import config
+
+pytestmark = pytest.mark.xdist_group("data")
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    root = tmp_path_factory.mktemp("embedded")
+    assert cli.main(["prepare", "embedded:general", "-o", str(root / "general"), "-q", "--workers", "2"]) == 0
+    assert cli.main(["prepare", "embedded:code", "--code", "-o", str(root / "code"), "-q", "--workers", "2"]) == 0
+    return root
+
+
+def stored_docs(path):
+    """{document id: token ids (EOD included)} of a prepared dataset."""
+    ds = open_dataset("x", str(path))
+    out, dec = {}, zstandard.ZstdDecompressor()
+    for i in range(len(ds.urls)):
+        for where, raw in read_shard(ds, i, ErrorPolicy()):
+            tokens, meta = fmt.decode_sample(raw, ds.dtype, ds.vocab_size, where, dec)
+            for doc, piece in zip(meta["docs"], np.split(tokens, np.cumsum(meta["lengths"])[:-1])):
+                out[doc] = piece
+    return out
+
+
+def test_embedded_round_trips_to_text(embedded):
+    tok = toks.load(embedded / "general")
+    eod = tok.token_to_id("<|endoftext|>")
+    stored = stored_docs(embedded / "general")
+    originals = {d.id: d.text for d in documents("general")}
+    assert stored.keys() == originals.keys()
+    for doc_id, ids in stored.items():
+        assert ids[-1] == eod and eod not in ids[:-1]
+        assert tok.decode(ids[:-1].tolist(), skip_special_tokens=False) == originals[doc_id]
+    manifest = json.loads((embedded / "general" / fmt.MANIFEST).read_text())
+    assert manifest["totals"]["tokens"] == sum(len(v) for v in stored.values())
+    assert manifest["tokenizer"]["sha256"] == toks.identity(tok)
+
+
+def test_fim_rearranges_code_and_keeps_it_whole(embedded):
+    tok = toks.load(embedded / "code")
+    pre, suf, mid = (tok.token_to_id(t) for t in toks.FIM_CANDIDATES[0])
+    originals = {d.id: d.text for d in documents("code")}
+    modes = {"psm": 0, "spm": 0, "none": 0}
+    dec = lambda ids: tok.decode(list(ids), skip_special_tokens=False)  # noqa: E731
+    for doc_id, ids in stored_docs(embedded / "code").items():
+        ids = ids[:-1].tolist()
+        if ids[:2] == [pre, suf]:  # SPM: <pre> <suf> suffix <mid> prefix middle
+            modes["spm"] += 1
+            suffix, rest = ids[2:ids.index(mid)], ids[ids.index(mid) + 1:]
+            assert originals[doc_id].endswith(dec(suffix))
+            assert dec(rest) + dec(suffix) == originals[doc_id]
+        elif ids[:1] == [pre]:  # PSM: <pre> prefix <suf> suffix <mid> middle
+            modes["psm"] += 1
+            p, s, m = ids[1:ids.index(suf)], ids[ids.index(suf) + 1:ids.index(mid)], ids[ids.index(mid) + 1:]
+            assert dec(p) + dec(m) + dec(s) == originals[doc_id]
+        else:
+            modes["none"] += 1
+            assert dec(ids) == originals[doc_id]
+    n = sum(modes.values())
+    fim = modes["psm"] + modes["spm"]
+    # rate 0.5 and SPM share 0.5, within 4 binomial standard deviations
+    assert abs(fim / n - 0.5) < 4 * (0.25 / n) ** 0.5
+    assert abs(modes["spm"] / fim - 0.5) < 4 * (0.25 / fim) ** 0.5
+
+
+def test_embedded_inspect_and_load(embedded, capsys):
+    assert cli.main(["inspect", str(embedded / "code"), "-n", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "558 documents" in out or "documents" in out
+    assert "stdlib/" in out and "tokens per input" in out
+    assert cli.main(["inspect", str(embedded / "general" / "shard-000000.tar"), "-n", "2"]) == 0
+    assert "pydoc_data/" in capsys.readouterr().out
+    assert cli.main(["inspect", "--verify", str(embedded / "code")]) == 0
+    cfg = config(embedded, {"general": 0.5, "code": 0.5}, seq_length=512, num_workers=2)
+    batches = TokenLoader(cfg, 4, model_vocab=16384).take(4)
+    assert batches[0]["tokens"].shape == (4, 512) and batches[0]["tokens"].dtype.is_signed
+    with pytest.raises(fmt.DataError, match="exceeds the model's vocab_size 1000"):
+        TokenLoader(cfg, 4, model_vocab=1000)
+
+
+def write_inputs(tmp_path):
+    (tmp_path / "in").mkdir()
+    docs = [f"document {i}: " + "lorem ipsum " * i for i in range(1, 40)]
+    with open(tmp_path / "in" / "part1.jsonl", "w") as f:
+        for d in docs[:20]:
+            f.write(json.dumps({"text": d, "meta": 1}) + "\n")
+        f.write("\n")
+    with open(tmp_path / "in" / "part2.jsonl", "w") as f:
+        for d in docs[20:]:
+            f.write(json.dumps({"text": d}) + "\n")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["from parquet one", "from parquet two", None]}), tmp_path / "in" / "t.parquet")
+    (tmp_path / "in" / "notes.txt").write_text("a plain text file <|endoftext|> spelled out")
+    (tmp_path / "in" / "blob.bin").write_bytes(b"\xff\xfe\x00binary")
+    return docs
+
+
+def test_user_files_are_reproducible_and_traceable(embedded, tmp_path):
+    write_inputs(tmp_path)
+    tokenizer = str(embedded / "general" / fmt.TOKENIZER)
+    runs = []
+    for workers in (1, 2):
+        out = tmp_path / f"run{workers}" / "user"
+        manifest = prepare(Options([str(tmp_path / "in")], str(out), tokenizer=tokenizer, workers=workers,
+                                   sample_tokens=64, shard_tokens=256), progress=False)
+        runs.append(out)
+    cmp = filecmp.dircmp(runs[0], runs[1])
+    assert not cmp.diff_files and not cmp.left_only and not cmp.right_only
+    assert len(cmp.same_files) == len(manifest["shards"]) + 2
+    per_input = {p["path"].rsplit("/", 1)[1]: p for p in manifest["inputs"]}
+    assert per_input["part1.jsonl"]["documents"] == 20 and per_input["part2.jsonl"]["documents"] == 19
+    assert per_input["t.parquet"]["documents"] == 2 and per_input["t.parquet"]["empty"] == 1
+    assert per_input["blob.bin"]["documents"] == 0
+    stored = stored_docs(runs[0])
+    tok = toks.load(runs[0])
+    assert tok.decode(stored[f"{tmp_path}/in/part1.jsonl:3"][:-1].tolist()) == "document 3: " + "lorem ipsum " * 3
+    assert tok.decode(stored[f"{tmp_path}/in/t.parquet:1"][:-1].tolist()) == "from parquet two"
+    # text that spells a special token stays text: the only EOD is the one appended
+    notes = stored[f"{tmp_path}/in/notes.txt"]
+    assert list(notes).count(tok.token_to_id("<|endoftext|>")) == 1
+
+
+def test_hf_tokenizer_directory_gets_fim_tokens_added(embedded, tmp_path):
+    """A tokenizer without FIM tokens: `--code` adds them and the saved tokenizer carries them."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(["<unk>", "</s>", *"abcdefghijklmnopqrstuvwxyz ():=\n"])}
+    plain = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    plain.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    (tmp_path / "hf").mkdir()
+    plain.save(str(tmp_path / "hf" / "tokenizer.json"))
+    (tmp_path / "code.py").write_text("def f(x):\n    return x\n")
+    manifest = prepare(Options([str(tmp_path / "code.py")], str(tmp_path / "out"), tokenizer=str(tmp_path / "hf"),
+                               code=True, fim_rate=1.0, workers=1), progress=False)
+    saved = toks.load(tmp_path / "out")
+    assert saved.token_to_id("<|fim_prefix|>") == manifest["tokenizer"]["special_ids"]["fim_prefix"] >= len(vocab)
+    assert manifest["tokenizer"]["special_ids"]["eod"] == vocab["</s>"]
+    assert manifest["tokenizer"]["vocab_size"] == len(vocab) + 3
+
+
+@pytest.mark.parametrize("content,field,match", [
+    ('{"text": "ok"}\n{"text": broken\n', "text", r"bad.jsonl:2: not valid JSON"),
+    ('{"body": "x"}\n', "text", r"bad.jsonl:1: no 'text' field"),
+    ('{"text": 3}\n', "text", r"bad.jsonl:1: 'text' is int"),
+])
+def test_bad_inputs_name_file_and_line(embedded, tmp_path, content, field, match):
+    (tmp_path / "bad.jsonl").write_text(content)
+    with pytest.raises(fmt.DataError, match=match):
+        prepare(Options([str(tmp_path / "bad.jsonl")], str(tmp_path / "o"), text_field=field, workers=1,
+                        tokenizer=str(embedded / "general" / fmt.TOKENIZER)), progress=False)
+
+
+def test_cli_errors_are_clear(embedded, tmp_path, capsys):
+    assert cli.main(["prepare", str(tmp_path / "nothing*.jsonl"), "-o", str(tmp_path / "o"), "-q"]) == 2
+    assert "no such file, directory or matching glob" in capsys.readouterr().err
+    assert cli.main(["prepare", "embedded:general", "-o", str(embedded / "general"), "-q"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert cli.main(["prepare", "embedded:poems", "-o", str(tmp_path / "o"), "-q"]) == 2
+    assert "embedded:general" in capsys.readouterr().err
+    assert cli.main(["prepare", "embedded:code", "--tokenizer", str(tmp_path), "-o", str(tmp_path / "o"), "-q"]) == 2
+    assert "no such tokenizer file" in capsys.readouterr().err
+    assert cli.main(["inspect", str(tmp_path / "none")]) == 2
+    assert "run `glm-data prepare` first" in capsys.readouterr().err
