@@ -4,10 +4,22 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: smoke test setup clean
+DATA   := outputs/data/embedded
 
-smoke: $(STAMP)  ## the main job: scaled-down model on CPU (or the local GPU)
+.PHONY: smoke test setup data clean
+
+smoke: data  ## the main job: scaled-down model on CPU (or the local GPU), on the embedded corpus
 	$(VENV)/bin/glm-model-info model=smoke
+	$(VENV)/bin/glm-data inspect --stage data=smoke
+
+data: $(DATA)/general/manifest.json $(DATA)/code/manifest.json  ## the embedded default corpus, as shards
+
+$(DATA)/general/manifest.json: | $(STAMP)
+	$(VENV)/bin/glm-data prepare embedded:general -o $(DATA)/general --overwrite
+
+# code shares general's tokenizer (trained once on both parts), which already holds the FIM tokens
+$(DATA)/code/manifest.json: $(DATA)/general/manifest.json
+	$(VENV)/bin/glm-data prepare embedded:code --code -o $(DATA)/code --tokenizer $(DATA)/general/tokenizer.json --overwrite
 
 test: $(STAMP)  ## the whole CPU test suite (GPU tests skip themselves without CUDA)
 	$(PY) -m pytest -n 2 --dist loadgroup -q -rs tests
@@ -24,4 +36,4 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache $(DATA)
