@@ -171,3 +171,17 @@ def test_bad_state_is_refused(root):
     loaders = [TokenLoader(cfg, 1, rank=r, n_ranks=2) for r in range(2)]
     with pytest.raises(Exception, match="2 rank states given|every rank"):
         TokenLoader(cfg, 1, states=[loaders[0].state_dict()] * 3)
+
+
+def test_pipe_urls_with_brace_expansion_read_the_same_tokens(root):
+    """Shards read through a `pipe:` command (as from an object store) give what local paths give."""
+    a = root[0] / "a"
+    n = len(list(a.glob("shard-*.tar")))
+    local = config(root[0], {"a": 1.0}, seq_length=128, num_workers=0)
+    piped = config(root[0], {"a": 1.0}, seq_length=128, num_workers=0)
+    piped.sources[0].path = f"pipe:cat {a}/manifest.json"
+    piped.sources[0].urls = f"pipe:cat {a}/shard-{{000000..{n - 1:06d}}}.tar"
+    assert equal(TokenLoader(local, 2).take(10), TokenLoader(piped, 2).take(10))
+    piped.sources[0].urls = f"pipe:cat {a}/shard-{{000000..{n - 2:06d}}}.tar"
+    with pytest.raises(Exception, match=f"expand to {n - 1} shards, but .* lists {n}"):
+        TokenLoader(piped, 2)
