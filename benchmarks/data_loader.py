@@ -28,16 +28,15 @@ from data import format as fmt  # noqa: E402
 from data.config import DataConfig, SourceConfig  # noqa: E402
 from data.loader import TokenLoader  # noqa: E402
 from data.prepare import Options, ShardWriter, prepare  # noqa: E402
-from data.stream import ErrorPolicy, open_dataset, read_shard  # noqa: E402
+from data.stream import ErrorPolicy, decoded_shard, open_dataset  # noqa: E402
 
 
 def corpus_documents(work: Path) -> tuple[list[np.ndarray], dict]:
     m = prepare(Options(["embedded:code"], str(work / "code"), code=True, workers=os.cpu_count() or 1), progress=False)
-    ds, dec, docs = open_dataset("code", str(work / "code")), zstandard.ZstdDecompressor(), []
+    ds, docs = open_dataset("code", str(work / "code")), []
     for i in range(len(ds.urls)):
-        for where, raw in read_shard(ds, i, ErrorPolicy()):
-            tokens, meta = fmt.decode_sample(raw, ds.dtype, ds.vocab_size, where, dec)
-            docs.extend(np.split(tokens, np.cumsum(meta["lengths"])[:-1]))
+        for _, tokens, meta in decoded_shard(ds, i, ErrorPolicy()):
+            docs.extend(fmt.split_documents(tokens, meta))
     return docs, m["tokenizer"]
 
 

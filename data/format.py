@@ -73,6 +73,11 @@ def decode_sample(raw: dict, dtype: str, vocab_size: int, where: str,
     return tokens, meta
 
 
+def split_documents(tokens: np.ndarray, meta: dict) -> list[np.ndarray]:
+    """The documents of a decoded sample, as views of its token array."""
+    return np.split(tokens, np.cumsum(meta["lengths"])[:-1])
+
+
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

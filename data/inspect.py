@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import io
-import json
+import itertools
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import zstandard
 
 from data import format as fmt, tokenizer as toks
-from data.stream import ErrorPolicy, open_dataset, read_shard
+from data.stream import ErrorPolicy, decoded_shard, open_dataset
 
 
 def _preview(text: str, width: int) -> str:
@@ -24,26 +23,24 @@ def _tokenizer_beside(path: Path, given: str | None):
     return toks.load(candidate) if candidate.exists() else None
 
 
+def _show_samples(ds, index: int, samples: int, width: int, tok, out: io.TextIOBase) -> None:
+    for key, tokens, meta in itertools.islice(decoded_shard(ds, index, ErrorPolicy()), samples):
+        print(f"{key}: {len(meta['docs'])} document(s), {len(tokens):,} tokens", file=out)
+        for doc, piece in zip(meta["docs"], fmt.split_documents(tokens, meta)):
+            text = tok.decode(piece.tolist(), skip_special_tokens=False) if tok else str(piece[:16].tolist())
+            print(f"  {doc} [{len(piece):,} tokens]: {_preview(text, width)}", file=out)
+
+
 def shard(path: str, samples: int, width: int, tokenizer: str | None, out: io.TextIOBase) -> None:
     """The first `samples` samples of one shard file, decoded to text when a tokenizer is at hand."""
     p = Path(path)
-    tok = _tokenizer_beside(p.parent, tokenizer)
-    manifest_path = p.parent / fmt.MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    dtype, vocab = manifest.get("dtype"), manifest.get("tokenizer", {}).get("vocab_size", 1 << 32)
-    ds = open_dataset("inspect", str(p.parent)) if manifest else None
-    index = next((i for i, s in enumerate(manifest.get("shards", [])) if s["name"] == p.name), None)
-    if ds is None or index is None:
+    if not (p.parent / fmt.MANIFEST).exists():
         raise fmt.DataError(f"{path}: no manifest beside it that lists this shard")
-    dec = zstandard.ZstdDecompressor()
-    for n, (where, raw) in enumerate(read_shard(ds, index, ErrorPolicy())):
-        if n >= samples:
-            break
-        tokens, meta = fmt.decode_sample(raw, dtype, vocab, where, dec)
-        print(f"{raw['__key__']}: {len(meta['docs'])} document(s), {len(tokens):,} tokens", file=out)
-        for doc, piece in zip(meta["docs"], np.split(tokens, np.cumsum(meta["lengths"])[:-1])):
-            text = tok.decode(piece.tolist(), skip_special_tokens=False) if tok else str(piece[:16].tolist())
-            print(f"  {doc} [{len(piece):,} tokens]: {_preview(text, width)}", file=out)
+    ds = open_dataset(p.parent.name, str(p.parent))
+    index = next((i for i, s in enumerate(ds.manifest["shards"]) if s["name"] == p.name), None)
+    if index is None:
+        raise fmt.DataError(f"{path}: no manifest beside it that lists this shard")
+    _show_samples(ds, index, samples, width, _tokenizer_beside(p.parent, tokenizer), out)
 
 
 def dataset(path: str, samples: int, width: int, out: io.TextIOBase) -> None:
@@ -69,7 +66,7 @@ def dataset(path: str, samples: int, width: int, out: io.TextIOBase) -> None:
         print(f"    ... and {len(m['inputs']) - 20} more inputs", file=out)
     if samples and not path.startswith("pipe:"):
         print(f"first {samples} sample(s) of {m['shards'][0]['name']}:", file=out)
-        shard(str(Path(ds.urls[0])), samples, width, None, out)
+        _show_samples(ds, 0, samples, width, _tokenizer_beside(Path(path), None), out)
 
 
 def verify(path: str, out: io.TextIOBase) -> int:
@@ -78,13 +75,9 @@ def verify(path: str, out: io.TextIOBase) -> int:
 
     ds = open_dataset(Path(path).name, path)
     policy = ErrorPolicy("skip")
-    dec = zstandard.ZstdDecompressor()
     for i in tqdm(range(len(ds.urls)), unit=" shard", desc="verify"):
-        for where, raw in read_shard(ds, i, policy):
-            try:
-                fmt.decode_sample(raw, ds.dtype, ds.vocab_size, where, dec)
-            except fmt.DataError as e:
-                policy.bad(e, "skipped_samples")
+        for _ in decoded_shard(ds, i, policy):
+            pass
     bad = sum(policy.counts.values())
     print(f"{ds.where}: {len(ds.urls)} shards read, {policy.counts['skipped_shards']} bad shard(s), "
           f"{policy.counts['skipped_samples']} bad sample(s)", file=out)
@@ -115,8 +108,8 @@ def mixture(overrides: list[str], sequences: int, micro_batch: int, width: int, 
     first = batches[0]["tokens"][0].tolist()
     text = tok.decode(first, skip_special_tokens=False) if tok else str(first[:32])
     print(f"first sequence: {_preview(text, width)}", file=out)
-    eod = Counter()
+    counts = Counter()
     for b in batches:
-        eod.update(b["tokens"].flatten().tolist())
-    top = ", ".join(f"{tok.id_to_token(i) if tok else i}:{c}" for i, c in eod.most_common(8))
+        counts.update(b["tokens"].flatten().tolist())
+    top = ", ".join(f"{tok.id_to_token(i) if tok else i}:{c}" for i, c in counts.most_common(8))
     print(f"most frequent tokens: {top}", file=out)

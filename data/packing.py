@@ -8,8 +8,8 @@
   best-fit-decreasing into sequences; the rest of each sequence is padding without loss. Position
   ids restart and `segment_ids` number the documents, so attention can be kept within a document.
 
-Both keep their place as {"at": stream position of the sample (or window) in hand, ...}, so
-restoring the stream there and replaying the same deterministic steps continues exactly.
+Both keep their place as {"at": stream position of the sample (or window) in hand, ...}; given a
+stream restored to "at", they replay the same deterministic steps and continue exactly.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from bisect import bisect_left, insort
 import numpy as np
 
 from data.fim import rng_for
+from data.format import split_documents
 
 
 def best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -43,9 +44,7 @@ class ConcatPacker:
         self.stream, self.seq_len = stream, seq_len
         self.cur, self.off = None, 0
         self.at = stream.position()
-        if state and state.get("offset") is not None:
-            self.stream.seek(state["at"])
-            self.at = state["at"]
+        if state and state.get("offset") is not None:  # the stream stands at state["at"]
             self.cur, self.off = next(self.stream)[0], state["offset"]
 
     def state(self) -> dict:
@@ -71,8 +70,7 @@ class BestFitPacker:
         self.bins: list | None = None
         self.emitted = 0
         self.at = stream.position()
-        if state and state.get("emitted"):
-            self.stream.seek(state["at"])
+        if state and state.get("emitted"):  # the stream stands at state["at"]
             self._fill()
             self.emitted = state["emitted"]
 
@@ -85,7 +83,7 @@ class BestFitPacker:
         total = 0
         while total < self.window * self.seq_len:
             tokens, meta = next(self.stream)
-            for doc in np.split(tokens, np.cumsum(meta["lengths"])[:-1]):
+            for doc in split_documents(tokens, meta):
                 for start in range(0, len(doc), self.seq_len):
                     pieces.append(doc[start:start + self.seq_len])
             total += len(tokens)

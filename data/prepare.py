@@ -10,7 +10,6 @@ manifest is written last: a directory without a manifest is an unfinished run.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import sys
@@ -187,6 +186,7 @@ def prepare(opts: Options, progress: bool = True) -> dict:
         tok, tok_source = toks.train_default(opts.vocab_size), f"byte-level BPE on the embedded corpus ({opts.vocab_size})"
     ids = toks.special_ids(tok, opts.eod_token, fim=opts.code, where=tok_source)
     tok.save(str(out / fmt.TOKENIZER))
+    tok_json = tok.to_str()
     dtype = fmt.dtype_for(toks.vocab_size(tok))
     shard_tokens = opts.shard_tokens or (EMBEDDED_SHARD_TOKENS if all(f.startswith(inputs.EMBEDDED) for f in files)
                                          else DEFAULT_SHARD_TOKENS)
@@ -200,10 +200,10 @@ def prepare(opts: Options, progress: bool = True) -> dict:
     pool = None
     try:
         if opts.workers > 1:
-            pool = multiprocessing.get_context("spawn").Pool(opts.workers, _init_worker, (tok.to_str(), settings))
+            pool = multiprocessing.get_context("spawn").Pool(opts.workers, _init_worker, (tok_json, settings))
             results = pool.imap(_encode_chunk, _jobs(files, opts.text_field))
         else:
-            _init_worker(tok.to_str(), settings)
+            _init_worker(tok_json, settings)
             results = map(_encode_chunk, _jobs(files, opts.text_field))
         for index, samples, n_docs, n_empty in results:
             for tokens, docs, sample in samples:

@@ -13,6 +13,7 @@ what it lacks - exact resumption and a per-epoch disjoint split - lives here.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -53,11 +54,11 @@ class Dataset:
     def tokenizer_sha(self) -> str:
         return self.manifest["tokenizer"]["sha256"]
 
-    @property
+    @functools.cached_property
     def samples(self) -> list[int]:
         return [s["samples"] for s in self.manifest["shards"]]
 
-    @property
+    @functools.cached_property
     def identity(self) -> str:
         """Changes whenever any shard changes; a saved position is only meaningful for the same identity."""
         return hashlib.sha256("".join(s["sha256"] for s in self.manifest["shards"]).encode()).hexdigest()[:16]
@@ -172,6 +173,16 @@ def read_shard(ds: Dataset, index: int, policy: ErrorPolicy) -> Iterator[tuple[s
                                  f"manifest {expected['sha256'][:12]}...)"), "skipped_shards")
 
 
+def decoded_shard(ds: Dataset, index: int, policy: ErrorPolicy) -> Iterator[tuple[str, np.ndarray, dict]]:
+    """(key, tokens, metadata) of each good sample of shard `index`, in order; bad ones go to `policy`."""
+    decompressor = zstandard.ZstdDecompressor()
+    for where, raw in read_shard(ds, index, policy):
+        try:
+            yield (raw["__key__"], *fmt.decode_sample(raw, ds.dtype, ds.vocab_size, where, decompressor))
+        except fmt.DataError as e:
+            policy.bad(e, "skipped_samples")
+
+
 class SlotStream:
     """One slot's endless stream of decoded samples (tokens, metadata) from one dataset."""
 
@@ -192,11 +203,6 @@ class SlotStream:
 
     def position(self) -> dict:
         return dict(self.pos)
-
-    def seek(self, position: dict) -> None:
-        """Continue from a position that `position()` returned (this window is read again)."""
-        self.pos = {k: int(position[k]) for k in ("epoch", "window", "emitted")}
-        self._buffer = None
 
     def _epoch(self, epoch: int) -> tuple[list[int], np.ndarray]:
         """This slot's shards in `epoch` and the offsets at which each starts in its stream."""

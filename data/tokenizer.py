@@ -8,7 +8,6 @@ identity is the SHA-256 of that saved JSON.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,4 +93,4 @@ def describe(tok: Tokenizer, ids: SpecialIds, source: str) -> dict:
     """The manifest's record of the tokenizer."""
     return {"file": "tokenizer.json", "sha256": identity(tok), "vocab_size": vocab_size(tok),
             "source": source, "special_ids": {k: v for k, v in vars(ids).items() if v is not None},
-            "model": json.loads(tok.to_str())["model"]["type"]}
+            "model": type(tok.model).__name__}

@@ -47,6 +47,11 @@ def test_small_models_switch_every_feature_on(name):
     (["model.moe_router_topk=99"], r"model\.moe_router_topk=99 exceeds num_experts=16"),
     (["model.norm_topk_prob=false"], r"model\.norm_topk_prob=False must be true"),
     (["model=nonexistent"], r"Could not find 'model/nonexistent'"),
+    (["data.packing=greedy"], r"data/smoke.yaml: data.packing='greedy' is not one of"),
+    (["data.on_error=ignore"], r"data/smoke.yaml: data.on_error='ignore' is not one of"),
+    (["data.sources.1.weight=0"], r"data/smoke.yaml: data.sources\[1\] \('code'\).weight=0.0 must be positive"),
+    (["data.seq_length=0"], r"data/smoke.yaml: data.seq_length=0 must be positive"),
+    (["data.sources.1.name=general"], r"data/smoke.yaml: data.sources names repeat"),
 ])
 def test_bad_config_fails_naming_file_field_and_value(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -70,14 +75,3 @@ def test_data_stages_compose(stage, seq, packing):
     assert (data.seq_length, data.packing) == (seq, packing)
     assert abs(sum(data.weights()) - 1.0) < 1e-9
 
-
-@pytest.mark.parametrize("overrides,message", [
-    (["data.packing=greedy"], r"data/smoke.yaml: data.packing='greedy' is not one of"),
-    (["data.on_error=ignore"], r"data/smoke.yaml: data.on_error='ignore' is not one of"),
-    (["data.sources.1.weight=0"], r"data/smoke.yaml: data.sources\[1\] \('code'\).weight=0.0 must be positive"),
-    (["data.seq_length=0"], r"data/smoke.yaml: data.seq_length=0 must be positive"),
-    (["data.sources.1.name=general"], r"data/smoke.yaml: data.sources names repeat"),
-])
-def test_bad_data_config_names_file_and_field(overrides, message):
-    with pytest.raises(ConfigError, match=message):
-        compose(overrides)

@@ -5,15 +5,13 @@ from __future__ import annotations
 import filecmp
 import json
 
-import numpy as np
 import pytest
-import zstandard
 
 from data import cli, format as fmt, tokenizer as toks
 from data.corpus import documents
 from data.loader import TokenLoader
 from data.prepare import Options, prepare
-from data.stream import ErrorPolicy, open_dataset, read_shard
+from data.stream import ErrorPolicy, decoded_shard, open_dataset
 from tests.data_helpers import config
 
 pytestmark = pytest.mark.xdist_group("data")
@@ -29,13 +27,10 @@ def embedded(tmp_path_factory):
 
 def stored_docs(path):
     """{document id: token ids (EOD included)} of a prepared dataset."""
-    ds = open_dataset("x", str(path))
-    out, dec = {}, zstandard.ZstdDecompressor()
+    ds, out = open_dataset("x", str(path)), {}
     for i in range(len(ds.urls)):
-        for where, raw in read_shard(ds, i, ErrorPolicy()):
-            tokens, meta = fmt.decode_sample(raw, ds.dtype, ds.vocab_size, where, dec)
-            for doc, piece in zip(meta["docs"], np.split(tokens, np.cumsum(meta["lengths"])[:-1])):
-                out[doc] = piece
+        for _, tokens, meta in decoded_shard(ds, i, ErrorPolicy()):
+            out.update(zip(meta["docs"], fmt.split_documents(tokens, meta)))
     return out
 
 
