@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         print(f"glm-data: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except Exception as e:
         from model.config import ConfigError
 

@@ -83,6 +83,14 @@ def test_embedded_inspect_and_load(embedded, capsys):
     assert cli.main(["inspect", str(embedded / "general" / "shard-000000.tar"), "-n", "2"]) == 0
     assert "pydoc_data/" in capsys.readouterr().out
     assert cli.main(["inspect", "--verify", str(embedded / "code")]) == 0
+    # piped into `head`, it stops quietly when the pipe closes
+    import subprocess
+    import sys
+
+    shard = embedded / "general" / "shard-000000.tar"
+    run = subprocess.run(f"{sys.executable} -m data.cli inspect {shard} -n 50 | head -1", shell=True,
+                         capture_output=True, text=True)
+    assert run.stdout.count("\n") == 1 and "Traceback" not in run.stderr
     cfg = config(embedded, {"general": 0.5, "code": 0.5}, seq_length=512, num_workers=2)
     batches = TokenLoader(cfg, 4, model_vocab=16384).take(4)
     assert batches[0]["tokens"].shape == (4, 512) and batches[0]["tokens"].dtype.is_signed
