@@ -27,7 +27,7 @@ _DECODER_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _LOCAL_EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
 
 
-def _tp(whole_name: str) -> tuple[int, int, object]:
+def tp_split(whole_name: str) -> tuple[int, int, object]:
     """(rank, size, group) of the tensor-parallel split that applies to this parameter."""
     # By name: Megatron marks expert weights (allreduce=False) only when expert parallelism is on.
     if ".mlp.experts." in whole_name:
@@ -65,7 +65,7 @@ def shard(whole: torch.Tensor, name: str, like) -> torch.Tensor:
     """This rank's piece of whole tensor `name`, split the way parameter/buffer `like` is split."""
     if not getattr(like, "tensor_model_parallel", False):
         return whole
-    rank, size, _ = _tp(name)
+    rank, size, _ = tp_split(name)
     dim = like.partition_dim
     if _gated(name):
         return torch.cat([h.chunk(size, dim)[rank] for h in whole.chunk(2, dim)], dim)
@@ -78,12 +78,16 @@ def unshard(piece: torch.Tensor, name: str, like) -> torch.Tensor:
     `name` is the whole-model name."""
     if not getattr(like, "tensor_model_parallel", False):
         return piece
-    _, size, group = _tp(name)
+    _, size, group = tp_split(name)
     if size == 1:
         return piece
     pieces = [torch.empty_like(piece) for _ in range(size)]
     dist.all_gather(pieces, piece.contiguous(), group=group)
-    dim = like.partition_dim
+    return join_pieces(pieces, name, like.partition_dim)
+
+
+def join_pieces(pieces: list[torch.Tensor], name: str, dim: int) -> torch.Tensor:
+    """The whole tensor from every tensor-parallel rank's piece, in rank order (the inverse of shard)."""
     if _gated(name):
         halves = [p.chunk(2, dim) for p in pieces]
         return torch.cat([torch.cat([h[0] for h in halves], dim), torch.cat([h[1] for h in halves], dim)], dim)

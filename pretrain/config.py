@@ -15,12 +15,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from data.config import DataConfig
 from model.config import ConfigError, ModelConfig
+from optim.config import OptimConfig
 from pretrain.parallel import ParallelConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 # group name -> schema; each group's file is configs/<group>/<choice>.yaml
-SCHEMAS = {"model": ModelConfig, "parallel": ParallelConfig, "data": DataConfig}
+SCHEMAS = {"model": ModelConfig, "parallel": ParallelConfig, "data": DataConfig, "optim": OptimConfig}
 
 
 @dataclass
@@ -28,12 +29,14 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
     sources: dict = field(default_factory=dict)  # group -> file it came from, for error messages
 
     def validate(self, world_size: int | None = None) -> "Config":
         self.model.validate(self.sources.get("model", "model"))
         self.parallel.validate(self.model, world_size, self.sources.get("parallel", "parallel"))
         self.data.validate(self.sources.get("data", "data"))
+        self.optim.validate(self.sources.get("optim", "optim"))
         return self
 
 

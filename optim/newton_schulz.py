@@ -1,0 +1,61 @@
+"""Newton-Schulz orthogonalisation of stacks of same-shaped matrices: Muon's core."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether this device multiplies bf16 matrices natively (else bf16 is emulated, far slower).
+
+    On a CPU without AVX512-BF16 or AMX, a bf16 GEMM ran at 0.8 GFLOP/s against 172 in fp32.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX")  # pragma: no cover
+    return False
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "bf16" or (name == "auto" and native_bf16(device)):
+        return torch.bfloat16
+    return torch.float32
+
+
+def orthogonalize(g: torch.Tensor, coefficients: Sequence[tuple[float, float, float]],
+                  dtype: torch.dtype = torch.bfloat16, eps: float = 1e-7) -> torch.Tensor:
+    """The nearest semi-orthogonal matrix, approximately, of each matrix in g [batch, rows, cols].
+
+    Each matrix is normalised by its Frobenius norm in fp32 (so its singular values are <= 1), then
+    the quintic iteration X <- aX + (bA + cA^2)X, A = XX^T, runs in `dtype` on the short side
+    (tall matrices are transposed), one batched GEMM per product for the whole stack.
+    Returns fp32.
+    """
+    x = g.float()
+    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + eps)
+    x = x.to(dtype)
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    for a, b, c in coefficients:
+        gram = x @ x.mT
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.baddbmm(x, poly, x, beta=a)
+    if tall:
+        x = x.mT
+    return x.float()
+
+
+def update_scale(rows: int, cols: int, rms: float) -> float:
+    """Factor giving an orthogonalised rows x cols update the RMS `rms` (Moonlight's matching)."""
+    return rms * math.sqrt(max(rows, cols))
+
+
+def flops(rows: int, cols: int, steps: int) -> int:
+    """Multiply-add FLOPs of `steps` iterations on one rows x cols matrix (short side s, long l)."""
+    s, l = sorted((rows, cols))
+    return steps * (4 * s * s * l + 2 * s ** 3)
