@@ -23,3 +23,26 @@ def logits(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]
     main = seen[-1].transpose(0, 1)
     mtp = seen[0].transpose(0, 1) if len(seen) > 1 else None
     return main, mtp
+
+
+def tiny_in_ddp(parallel, state_path: str):
+    """(model config, model, Megatron DDP wrapper) of the tiny model on this rank, with the whole-model
+    state saved at state_path. Megatron's process groups must exist."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from model.build import build_model
+    from model.sharding import load_whole_state
+    from pretrain.config import compose
+
+    cfg = compose(["model=tiny"]).model
+    model = build_model(cfg, parallel, impl="local")
+    load_whole_state(model, torch.load(state_path))
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+    return cfg, model, ddp
+
+
+def data_parallel_share(ids: torch.Tensor) -> torch.Tensor:
+    """This data-parallel replica's rows of a global batch."""
+    from megatron.core import parallel_state as ps
+
+    return ids.chunk(ps.get_data_parallel_world_size())[ps.get_data_parallel_rank()]

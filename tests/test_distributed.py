@@ -14,25 +14,19 @@ def _step(rank, parallel_kw, state_path):
     """One forward/backward of the tiny model through Megatron's DDP; returns (loss, whole grads)."""
     warnings.filterwarnings("ignore")
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed import finalize_model_grads
 
-    from model.build import build_model
-    from model.sharding import gather_whole, load_whole_state
-    from pretrain.config import compose
+    from model.sharding import gather_whole
     from pretrain.parallel import ParallelConfig, init_distributed, shutdown_distributed
-    from tests.megatron_helpers import positions
+    from tests.megatron_helpers import data_parallel_share, positions, tiny_in_ddp
 
     parallel = ParallelConfig(**parallel_kw)
     init_distributed(parallel)
     try:
-        cfg = compose(["model=tiny"]).model
-        model = build_model(cfg, parallel, impl="local")
-        load_whole_state(model, torch.load(state_path))
-        ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+        cfg, model, ddp = tiny_in_ddp(parallel, state_path)
         ids = torch.randint(0, cfg.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(7))
-        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        ids = ids.chunk(dp)[dp_rank]  # each data-parallel replica takes its share of the batch
+        ids = data_parallel_share(ids)  # each data-parallel replica takes its share of the batch
+        dp = ps.get_data_parallel_world_size()
         loss = ddp(ids, positions(ids), None, labels=ids).mean()
         loss.backward()
         finalize_model_grads([ddp])
