@@ -9,7 +9,7 @@ DATA   := outputs/data/embedded
 .PHONY: smoke test setup data clean
 
 smoke: data  ## the main job: scaled-down model on CPU (or the local GPU), on the embedded corpus
-	$(VENV)/bin/glm-model-info model=smoke
+	$(VENV)/bin/glm-model-info model=smoke --optimizer
 	$(VENV)/bin/glm-data inspect --stage data=smoke
 
 data: $(DATA)/general/manifest.json $(DATA)/code/manifest.json  ## the embedded default corpus, as shards

@@ -43,7 +43,7 @@ def _human(n: float) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
-def report(cfg, seq_len: int) -> str:
+def report(cfg, seq_len: int, optimizer: bool = False) -> str:
     """Build cfg.model on the meta device and return the printed report."""
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
@@ -54,6 +54,11 @@ def report(cfg, seq_len: int) -> str:
     m, p = cfg.model, cfg.parallel
     with single_process():
         model = build_model(m, ParallelConfig(), meta=True)
+        if optimizer:
+            from optim import roles
+
+            optimizer_table = roles.table(roles.assign(model, muon=cfg.optim.name == "muon",
+                                                       qkv_split=cfg.optim.muon.qkv_split))
     counts = count_parameters(model, m)
     scale, unit = (1e9, "B") if counts.default_total >= 1e9 else (1e6, "M")
 
@@ -91,6 +96,8 @@ def report(cfg, seq_len: int) -> str:
             extra = (["embedding"] if r == 0 else []) + (["output", "MTP"] if r == p.pipeline - 1 else [])
             lines.append(f"  stage {r}: layers {layers[0]}-{layers[-1]} ({dense} dense)"
                          f"{' + ' + ', '.join(extra) if extra else ''}: {_human(n)} = {2 * n / 2**30:.1f} GiB")
+    if optimizer:
+        lines += ["", f"optimizer {cfg.optim.name}: what each parameter gets", optimizer_table]
     return "\n".join(lines)
 
 
@@ -99,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog=HELP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (group=choice, group.field=value)")
     parser.add_argument("--seq-len", type=int, default=4096, help="sequence length for the FLOP count (default 4096)")
+    parser.add_argument("--optimizer", action="store_true",
+                        help="also print which optimizer each kind of parameter gets (optim=muon|adamw)")
     parser.add_argument("--config-dir", default=None, help="config tree to use instead of the bundled configs/")
     args = parser.parse_args(argv)
     quiet_megatron_warnings()
@@ -111,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"glm-model-info: {e}", file=sys.stderr)
         return 2
-    print(report(cfg, args.seq_len))
+    print(report(cfg, args.seq_len, args.optimizer))
     return 0
 
 
