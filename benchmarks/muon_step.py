@@ -79,7 +79,7 @@ def main(argv=None) -> None:
         for label, keep in (("experts", lambda r: r.expert), ("all", lambda r: True)):
             rs = [r for r in roles if keep(r)]
             gs = [g for r, g in zip(roles, grads) if keep(r)]
-            ours = timed(lambda: opt.muon_update(1e-4, 1.0, rs, gs), device, args.repeat)
+            ours = timed(lambda: opt.muon_update(1e-4, rs, gs), device, args.repeat)
             blocks = [torch.nn.Parameter(b.detach().float().clone()) for r in rs for b in r.split.blocks(r.param)]
             for b, g in zip(blocks, [gb for r, g in zip(rs, gs) for gb in r.split.blocks(g)]):
                 b.grad = g.clone()
@@ -97,7 +97,7 @@ def main(argv=None) -> None:
             rs = [r for r in roles if r.expert]
             gs = [g for r, g in zip(roles, grads) if r.expert]
             opt.ns_dtype, fp32 = torch.bfloat16, opt.ns_dtype
-            t = timed(lambda: opt.muon_update(1e-4, 1.0, rs, gs), device, 1)
+            t = timed(lambda: opt.muon_update(1e-4, rs, gs), device, 1)
             opt.ns_dtype = fp32
             print(f"experts with our Newton-Schulz forced to bfloat16 (emulated here): {t * 1e3:.1f}ms")
         e = next(r for r in roles if r.expert)

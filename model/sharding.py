@@ -56,7 +56,7 @@ def whole_name(local: str, model) -> str:
     return local
 
 
-def _gated(whole_name: str) -> bool:
+def is_gated(whole_name: str) -> bool:
     # SwiGLU fc1 holds [gate; up]; each tensor-parallel rank holds [gate shard; up shard].
     return whole_name.endswith("linear_fc1.weight")
 
@@ -67,7 +67,7 @@ def shard(whole: torch.Tensor, name: str, like) -> torch.Tensor:
         return whole
     rank, size, _ = tp_split(name)
     dim = like.partition_dim
-    if _gated(name):
+    if is_gated(name):
         return torch.cat([h.chunk(size, dim)[rank] for h in whole.chunk(2, dim)], dim)
     return whole.chunk(size, dim)[rank]
 
@@ -88,7 +88,7 @@ def unshard(piece: torch.Tensor, name: str, like) -> torch.Tensor:
 
 def join_pieces(pieces: list[torch.Tensor], name: str, dim: int) -> torch.Tensor:
     """The whole tensor from every tensor-parallel rank's piece, in rank order (the inverse of shard)."""
-    if _gated(name):
+    if is_gated(name):
         halves = [p.chunk(2, dim) for p in pieces]
         return torch.cat([torch.cat([h[0] for h in halves], dim), torch.cat([h[1] for h in halves], dim)], dim)
     return torch.cat(pieces, dim)

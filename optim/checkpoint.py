@@ -28,7 +28,7 @@ def _pieces(role, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor, tuple]]
     if role.tp_dim is not None:
         rank, size, _ = sharding.tp_split(role.name)
         split = (role.tp_dim, rank, size)
-    if role.name.endswith("linear_fc1.weight"):
+    if sharding.is_gated(role.name):
         gate, up = tensor.chunk(2, role.tp_dim or 0)
         return [(".gate", gate, split), (".up", up, split)]
     return [("", tensor, split)]

@@ -107,12 +107,15 @@ class Optimizer:
         clip = self.cfg.clip_grad
         factor = min(1.0, clip / (norm + 1e-6)) if clip > 0 else 1.0
         self.steps += 1
+        grads = [g.float() for g in grads]
+        if factor != 1.0:
+            grads = torch._foreach_mul(grads, factor)
         muon = [(r, g) for r, g in zip(self.mine, grads) if r.side == "muon"]
         adam = [(r, g) for r, g in zip(self.mine, grads) if r.side == "adam"]
         if muon:
-            self.muon_update(lr, factor, *zip(*muon))
+            self.muon_update(lr, *zip(*muon))
         if adam:
-            self._adam(lr, factor, *zip(*adam))
+            self._adam(lr, *zip(*adam))
         for expert in (False, True):
             ranks = self.by_rank[expert]
             owners.share([[r.param for r in rs] for rs in ranks], _groups(expert))
@@ -158,13 +161,11 @@ class Optimizer:
                 role.param.copy_(target)
 
     @torch.no_grad()
-    def muon_update(self, lr, factor, roles, grads) -> None:
-        """Momentum, whole-matrix Newton-Schulz and the update for owned Muon `roles`."""
+    def muon_update(self, lr, roles, g) -> None:
+        """Momentum, whole-matrix Newton-Schulz and the update for owned Muon `roles`, from their
+        clipped fp32 gradients `g`."""
         m = self.cfg.muon
         bufs = [self.state[r.name]["momentum"] for r in roles]
-        g = [x.float() for x in grads]
-        if factor != 1.0:
-            g = torch._foreach_mul(g, factor)
         torch._foreach_lerp_(bufs, g, 1 - m.momentum)
         inputs = [x.lerp(b, m.momentum) for x, b in zip(g, bufs)] if m.nesterov else [b.clone() for b in bufs]
         wholes = self._gather_tp(roles, inputs)
@@ -212,11 +213,8 @@ class Optimizer:
                     result[i][j] = oi
         return [r.split.join(bs) for r, bs in zip(roles, result)]
 
-    def _adam(self, lr, factor, roles, grads) -> None:
+    def _adam(self, lr, roles, g) -> None:
         a = self.cfg.adam
-        g = [x.float() for x in grads]
-        if factor != 1.0:
-            g = torch._foreach_mul(g, factor)
         m = [self.state[r.name]["exp_avg"] for r in roles]
         v = [self.state[r.name]["exp_avg_sq"] for r in roles]
         torch._foreach_lerp_(m, g, 1 - a.beta1)
