@@ -21,8 +21,11 @@ $(DATA)/general/manifest.json: | $(STAMP)
 $(DATA)/code/manifest.json: $(DATA)/general/manifest.json
 	$(VENV)/bin/glm-data prepare embedded:code --code -o $(DATA)/code --tokenizer $(DATA)/general/tokenizer.json --overwrite
 
+# The optimizer tests run a second time as the other kind of CPU (bf16 native <-> emulated; see
+# GLM_CPU_BF16 in optim/newton_schulz.py), so a machine of one kind catches what breaks on the other.
 test: $(STAMP)  ## the whole CPU test suite (GPU tests skip themselves without CUDA)
 	$(PY) -m pytest -n 2 --dist loadgroup -q -rs tests
+	$(PY) -m pytest -n 2 --dist loadgroup -q -rs --cpu-bf16=other tests/test_optim.py tests/test_optim_parallel.py
 
 setup: $(STAMP)
 
