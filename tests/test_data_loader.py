@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from data.format import DataError
 from data.loader import TokenLoader
 from data.packing import best_fit
 from data.stream import ErrorPolicy, SlotStream, open_dataset, slot_shards
@@ -169,7 +170,7 @@ def test_stage_change_continues_each_source(root):
 def test_bad_state_is_refused(root):
     cfg = config(root[0], {"a": 1.0}, seq_length=64, num_workers=0)
     loaders = [TokenLoader(cfg, 1, rank=r, n_ranks=2) for r in range(2)]
-    with pytest.raises(Exception, match="2 rank states given|every rank"):
+    with pytest.raises(DataError, match="3 rank states given, the saved run had 2; pass every rank"):
         TokenLoader(cfg, 1, states=[loaders[0].state_dict()] * 3)
 
 
@@ -183,5 +184,5 @@ def test_pipe_urls_with_brace_expansion_read_the_same_tokens(root):
     piped.sources[0].urls = f"pipe:cat {a}/shard-{{000000..{n - 1:06d}}}.tar"
     assert equal(TokenLoader(local, 2).take(10), TokenLoader(piped, 2).take(10))
     piped.sources[0].urls = f"pipe:cat {a}/shard-{{000000..{n - 2:06d}}}.tar"
-    with pytest.raises(Exception, match=f"expand to {n - 1} shards, but .* lists {n}"):
+    with pytest.raises(DataError, match=f"expand to {n - 1} shards, but .* lists {n}"):
         TokenLoader(piped, 2)
