@@ -21,11 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore")
 
 from data.corpus import documents  # noqa: E402
-from model.build import build_model  # noqa: E402
+from model.build import build_model, position_ids as positions  # noqa: E402
 from optim.optimizer import Optimizer  # noqa: E402
 from pretrain.config import compose  # noqa: E402
 from pretrain.parallel import single_process  # noqa: E402
-from tests.megatron_helpers import positions  # noqa: E402
 
 
 def byte_stream(seed: int) -> tuple[torch.Tensor, torch.Tensor]:

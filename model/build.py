@@ -152,3 +152,8 @@ def _mark_expert_parameters(model: GPTModel) -> None:
     for name, param in model.named_parameters():
         if ".mlp.experts." in name:
             param.allreduce = False
+
+
+def position_ids(tokens: torch.Tensor) -> torch.Tensor:
+    """0, 1, 2, ... along the sequence for each row of a [batch, seq] token tensor (no packing)."""
+    return torch.arange(tokens.shape[1], device=tokens.device)[None].expand_as(tokens)

@@ -1,6 +1,8 @@
 """What Megatron-Core 0.16 needs to run on a machine without CUDA, in one place.
 
-`install()` does nothing when CUDA is available: the GPU path never goes through this module.
+`install()` changes nothing CUDA-related when CUDA is available: the GPU path never goes through
+those patches. One patch is about Transformer Engine, not CUDA, and applies wherever it is missing
+(`te_general_gemm`, below), on a GPU too.
 Each patch names the Megatron-Core code that needs it; tests/test_cpu_support.py checks each one.
 What is *not* patched here because configuration avoids it: the alltoall token dispatcher creates
 a CUDA stream in its constructor, so CPU runs use the allgather dispatcher (same numbers).
@@ -26,9 +28,20 @@ def _cpu_causal_mask(sq: int) -> torch.Tensor:
     return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
 
 
+def _name_missing_te_gemm() -> None:
+    # The router's gating GEMM tests `te_general_gemm is not None`, but the name is only bound
+    # when Transformer Engine imports, so without it the router raises NameError, on CPU and GPU
+    # alike. With Transformer Engine present the name exists and this does nothing.
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def install() -> bool:
     """Patch Megatron-Core for CPU execution if CUDA is absent. Idempotent. Returns True if active."""
     global _installed
+    _name_missing_te_gemm()
     if torch.cuda.is_available():
         return False
     if _installed:
@@ -50,13 +63,6 @@ def install() -> bool:
     mrandom._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
     mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
     logging.getLogger(mrandom.__name__).addFilter(_DropCpuRngWarning())
-
-    # The router's gating GEMM tests `te_general_gemm is not None`, but the name is only bound
-    # when Transformer Engine imports, so without it the router raises NameError.
-    from megatron.core.transformer.moe import moe_utils
-
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
 
     # The unfused softmax builds its default causal mask with device="cuda".
     from megatron.core.fusions import fused_softmax
