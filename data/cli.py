@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from data.config import DataConfigError
 from data.format import DataError
 
 EPILOG = """\
@@ -62,8 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--width", type=int, default=160, help="characters of text shown per document (160)")
     i.add_argument("--tokenizer", help="tokenizer for a shard whose directory has none")
     i.add_argument("--verify", action="store_true", help="read every shard: checksums, counts, every sample")
-    i.add_argument("--stage", nargs="+", metavar="OVERRIDE", help="Hydra overrides selecting a stage's data, "
-                   "e.g. data=smoke data.seq_length=4096")
+    i.add_argument("--stage", nargs="+", metavar="ARG", help="a stage's data config file and field overrides, "
+                   "e.g. configs/data/smoke.yaml seq_length=4096")
     i.add_argument("--sequences", type=int, default=256, help="with --stage: sequences to draw (256)")
     return ap
 
@@ -79,7 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         from data import inspect
 
         if args.stage:
-            inspect.mixture(args.stage, args.sequences, 8, args.width, sys.stdout)
+            from data.config import load_data_config
+
+            cfg = load_data_config(args.stage[0], args.stage[1:])
+            inspect.mixture(cfg, args.sequences, 8, args.width, sys.stdout)
         elif not args.path:
             print("glm-data inspect: give a path or --stage", file=sys.stderr)
             return 2
@@ -96,13 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         sys.stdout = open(os.devnull, "w")
         return 0
-    except Exception as e:
-        from model.config import ConfigError
-
-        if isinstance(e, ConfigError):
-            print(f"glm-data: {e}", file=sys.stderr)
-            return 2
-        raise
+    except DataConfigError as e:
+        print(f"glm-data: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

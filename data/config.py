@@ -5,9 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from model.config import ConfigError
+
+class DataConfigError(ValueError):
+    """A data config value that cannot work; the message names the field and the value."""
+
 
 PACKING = ("concat", "best_fit")
 ON_ERROR = ("fail", "skip")
@@ -37,24 +41,35 @@ class DataConfig:
 
     def validate(self, where: str = "data") -> "DataConfig":
         if not self.sources:
-            raise ConfigError(f"{where}: data.sources is empty; name at least one prepared dataset")
+            raise DataConfigError(f"{where}: data.sources is empty; name at least one prepared dataset")
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
-            raise ConfigError(f"{where}: data.sources names repeat: {names}")
+            raise DataConfigError(f"{where}: data.sources names repeat: {names}")
         for i, s in enumerate(self.sources):
             if not s.weight > 0:
-                raise ConfigError(f"{where}: data.sources[{i}] ('{s.name}').weight={s.weight} must be positive")
+                raise DataConfigError(f"{where}: data.sources[{i}] ('{s.name}').weight={s.weight} must be positive")
         if self.packing not in PACKING:
-            raise ConfigError(f"{where}: data.packing={self.packing!r} is not one of {PACKING}")
+            raise DataConfigError(f"{where}: data.packing={self.packing!r} is not one of {PACKING}")
         if self.on_error not in ON_ERROR:
-            raise ConfigError(f"{where}: data.on_error={self.on_error!r} is not one of {ON_ERROR}")
+            raise DataConfigError(f"{where}: data.on_error={self.on_error!r} is not one of {ON_ERROR}")
         for name in ("seq_length", "shuffle_window", "pack_window"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{where}: data.{name}={getattr(self, name)} must be positive")
+                raise DataConfigError(f"{where}: data.{name}={getattr(self, name)} must be positive")
         if self.num_workers < 0:
-            raise ConfigError(f"{where}: data.num_workers={self.num_workers} must be >= 0")
+            raise DataConfigError(f"{where}: data.num_workers={self.num_workers} must be >= 0")
         return self
 
     def weights(self) -> list[float]:
         total = sum(s.weight for s in self.sources)
         return [s.weight / total for s in self.sources]
+
+
+def load_data_config(path: str, overrides: list[str] = ()) -> DataConfig:
+    """A data config file (e.g. configs/data/smoke.yaml) with `field=value` overrides, validated."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(path),
+                                 OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(merged)
+    except (OSError, OmegaConfBaseException) as e:
+        raise DataConfigError(f"{path}: {str(e).splitlines()[0]}") from None
+    return cfg.validate(path)

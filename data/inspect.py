@@ -84,12 +84,10 @@ def verify(path: str, out: io.TextIOBase) -> int:
     return bad
 
 
-def mixture(overrides: list[str], sequences: int, micro_batch: int, width: int, out: io.TextIOBase) -> None:
-    """Run a stage's loader (in this process) and report what it delivers, per source."""
+def mixture(cfg, sequences: int, micro_batch: int, width: int, out: io.TextIOBase) -> None:
+    """Run a stage's loader (DataConfig `cfg`, in this process) and report what it delivers, per source."""
     from data.loader import TokenLoader
-    from pretrain.config import compose
 
-    cfg = compose(overrides).data
     cfg.num_workers = 0
     loader = TokenLoader(cfg, micro_batch=micro_batch)
     tok = toks.load(Path(loader.datasets[0].urls[0]).parent / fmt.TOKENIZER) \

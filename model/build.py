@@ -12,9 +12,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from model import cpu_support
-from model.config import ModelConfig
+from model.config import ModelConfig, ParallelConfig
 from model.spec import decoder_specs, have_transformer_engine, mtp_block_spec
-from pretrain.parallel import ParallelConfig
 
 
 def resolve_impl(impl: str) -> bool:

@@ -1,4 +1,6 @@
-"""The GLM model family as data: a structured config, its validation, and its TransformerConfig.
+"""The GLM model family as data: a structured config and its validation, and the parallel layout
+the model is built for (checked against the model and the world size before any process group
+exists, so an impossible layout fails in seconds with a message that names the field).
 
 Field names follow the Hugging Face `glm4_moe` config where one exists, so a reader can hold the
 two side by side; `model/hf_mapping.py` converts between them.
@@ -8,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from omegaconf import MISSING
+
 
 class ConfigError(ValueError):
     """A configuration value that cannot work. The message names the field, the value and why."""
@@ -15,32 +19,35 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    name: str = "???"
-    vocab_size: int = 151552
-    hidden_size: int = 4096
-    num_layers: int = 46  # main decoder layers, MTP layers not included
-    num_attention_heads: int = 96
-    num_query_groups: int = 8  # key/value heads (GQA)
-    head_dim: int = 128  # explicit: GLM-4.5 does not use hidden_size / heads
-    ffn_hidden_size: int = 10944  # dense (first-k) layers
-    moe_ffn_hidden_size: int = 1408  # each routed expert, and each shared expert
-    num_experts: int = 128
-    num_shared_experts: int = 1
-    moe_router_topk: int = 8
-    first_k_dense: int = 1
-    routed_scaling_factor: float = 1.0
+    # Architecture: no defaults (configs/model/*.yaml set every one); a missing field is an error
+    # that names it, never some model's number.
+    name: str = MISSING
+    vocab_size: int = MISSING
+    hidden_size: int = MISSING
+    num_layers: int = MISSING  # main decoder layers, MTP layers not included
+    num_attention_heads: int = MISSING
+    num_query_groups: int = MISSING  # key/value heads (GQA)
+    head_dim: int = MISSING  # explicit: GLM-4.5 does not use hidden_size / heads
+    ffn_hidden_size: int = MISSING  # dense (first-k) layers
+    moe_ffn_hidden_size: int = MISSING  # each routed expert, and each shared expert
+    num_experts: int = MISSING
+    num_shared_experts: int = MISSING
+    moe_router_topk: int = MISSING
+    first_k_dense: int = MISSING
+    routed_scaling_factor: float = MISSING
+    qk_norm: bool = MISSING
+    partial_rotary_factor: float = MISSING  # rotary on the first part of each head, rotate-half style
+    rope_theta: float = MISSING  # the first stage's; a stage can change it (pretrain/stages.py)
+    max_position_embeddings: int = MISSING
+    mtp_num_layers: int = MISSING
     norm_topk_prob: bool = True
-    qk_norm: bool = False
     qkv_bias: bool = True  # q/k/v carry a bias; the output projection never does
-    partial_rotary_factor: float = 0.5  # rotary on the first half of each head, rotate-half style
-    rope_theta: float = 1_000_000.0
-    max_position_embeddings: int = 131072
     rms_norm_eps: float = 1e-5
-    mtp_num_layers: int = 1
+    init_std: float = 0.02
+    # Training recipe (GLM-4.5's first stage); stages change the first and the last.
     mtp_loss_weight: float = 0.3
     aux_loss_coeff: float = 1e-4  # sequence-level auxiliary balance loss
     expert_bias_update_rate: float = 1e-3  # loss-free balance: step of the expert-bias update
-    init_std: float = 0.02
 
     @property
     def num_moe_layers(self) -> int:
@@ -83,4 +90,53 @@ class ModelConfig:
             fail("routed_scaling_factor", "must be positive")
         if self.rms_norm_eps <= 0:
             fail("rms_norm_eps", "must be positive")
+        return self
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    expert: int = 1
+    expert_tensor: int = 1  # tensor parallelism inside each expert; 1 keeps experts whole
+    pipeline: int = 1
+    context: int = 1
+    # Megatron-Core requires sequence parallelism for MoE with tensor > 1; it is on by default and
+    # only takes effect when tensor > 1.
+    sequence_parallel: bool = True
+
+    def data(self, world_size: int) -> int:
+        return world_size // (self.tensor * self.pipeline * self.context)
+
+    def validate(self, model: ModelConfig, world_size: int | None = None,
+                 source: str = "parallel") -> "ParallelConfig":
+        def fail(field: str, why: str):
+            raise ConfigError(f"{source}: parallel.{field}={getattr(self, field)!r} {why}")
+
+        for f in ("tensor", "expert", "expert_tensor", "pipeline", "context"):
+            if getattr(self, f) < 1:
+                fail(f, "must be at least 1")
+        tp = self.tensor
+        checks = [
+            ("tensor", model.num_attention_heads, "model.num_attention_heads"),
+            ("tensor", model.num_query_groups, "model.num_query_groups"),
+            ("tensor", model.ffn_hidden_size, "model.ffn_hidden_size"),
+            ("tensor", model.vocab_size, "model.vocab_size"),
+            ("expert", model.num_experts, "model.num_experts"),
+            ("expert_tensor", model.moe_ffn_hidden_size, "model.moe_ffn_hidden_size"),
+            ("pipeline", model.num_layers, "model.num_layers"),
+        ]
+        for field, total, name in checks:
+            if total % getattr(self, field):
+                fail(field, f"does not divide {name}={total}")
+        if tp > 1 and model.num_experts and not self.sequence_parallel:
+            fail("sequence_parallel", "must be true with tensor > 1: Megatron-Core requires it for MoE")
+        if world_size is not None:
+            dense = tp * self.pipeline * self.context
+            if world_size % dense:
+                raise ConfigError(f"{source}: world size {world_size} is not divisible by "
+                                  f"tensor*pipeline*context={dense}")
+            experts = self.expert * self.expert_tensor * self.pipeline
+            if world_size % experts:
+                raise ConfigError(f"{source}: world size {world_size} is not divisible by "
+                                  f"expert*expert_tensor*pipeline={experts}")
         return self

@@ -1,8 +1,5 @@
-"""The parallel layout (tensor / expert / pipeline / context / data) and process-group start-up.
-
-The layout is checked against the model and the world size before any process group exists, so
-an impossible layout fails in seconds with a message that names the field.
-"""
+"""Process-group start-up for a parallel layout (model/config.py: ParallelConfig), from torchrun's
+or Slurm's environment."""
 
 from __future__ import annotations
 
@@ -10,60 +7,10 @@ import contextlib
 import datetime
 import os
 import socket
-from dataclasses import dataclass
 
 import torch
 
-from model.config import ConfigError, ModelConfig
-
-
-@dataclass
-class ParallelConfig:
-    tensor: int = 1
-    expert: int = 1
-    expert_tensor: int = 1  # tensor parallelism inside each expert; 1 keeps experts whole
-    pipeline: int = 1
-    context: int = 1
-    # Megatron-Core requires sequence parallelism for MoE with tensor > 1; it is on by default and
-    # only takes effect when tensor > 1.
-    sequence_parallel: bool = True
-
-    def data(self, world_size: int) -> int:
-        return world_size // (self.tensor * self.pipeline * self.context)
-
-    def validate(self, model: ModelConfig, world_size: int | None = None,
-                 source: str = "parallel") -> "ParallelConfig":
-        def fail(field: str, why: str):
-            raise ConfigError(f"{source}: parallel.{field}={getattr(self, field)!r} {why}")
-
-        for f in ("tensor", "expert", "expert_tensor", "pipeline", "context"):
-            if getattr(self, f) < 1:
-                fail(f, "must be at least 1")
-        tp = self.tensor
-        checks = [
-            ("tensor", model.num_attention_heads, "model.num_attention_heads"),
-            ("tensor", model.num_query_groups, "model.num_query_groups"),
-            ("tensor", model.ffn_hidden_size, "model.ffn_hidden_size"),
-            ("tensor", model.vocab_size, "model.vocab_size"),
-            ("expert", model.num_experts, "model.num_experts"),
-            ("expert_tensor", model.moe_ffn_hidden_size, "model.moe_ffn_hidden_size"),
-            ("pipeline", model.num_layers, "model.num_layers"),
-        ]
-        for field, total, name in checks:
-            if total % getattr(self, field):
-                fail(field, f"does not divide {name}={total}")
-        if tp > 1 and model.num_experts and not self.sequence_parallel:
-            fail("sequence_parallel", "must be true with tensor > 1: Megatron-Core requires it for MoE")
-        if world_size is not None:
-            dense = tp * self.pipeline * self.context
-            if world_size % dense:
-                raise ConfigError(f"{source}: world size {world_size} is not divisible by "
-                                  f"tensor*pipeline*context={dense}")
-            experts = self.expert * self.expert_tensor * self.pipeline
-            if world_size % experts:
-                raise ConfigError(f"{source}: world size {world_size} is not divisible by "
-                                  f"expert*expert_tensor*pipeline={experts}")
-        return self
+from model.config import ParallelConfig  # noqa: F401  (the layout, re-exported for callers)
 
 
 def free_port() -> int:
@@ -72,11 +19,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def slurm_environment(env=None) -> dict:
+    """RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT from a Slurm task's environment
+    (srun, one task per GPU), for what torchrun would have set. Empty outside Slurm or when they
+    are set already. The master is the job's first node; the port is derived from the job id."""
+    env = os.environ if env is None else env
+    if "RANK" in env or "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env:
+        return {}
+    out = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"],
+           "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
+    if "MASTER_ADDR" not in env:
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+        out["MASTER_ADDR"] = first_host(nodes)
+    if "MASTER_PORT" not in env:
+        out["MASTER_PORT"] = str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+    return out
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: "gpu[003-005,9],cpu1" -> "gpu003"."""
+    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist[:nodelist.index("]") + 1]
+    if "[" not in head:
+        return head
+    prefix, ranges = head.split("[", 1)
+    return prefix + ranges.rstrip("]").split(",")[0].split("-")[0]
+
+
 def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_s: int = 600) -> None:
     """Start torch.distributed (NCCL with CUDA, gloo without) and Megatron-Core's process groups.
 
-    Reads the usual RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT (torchrun and the
-    Slurm launcher set them); without them it starts a world of one.
+    Reads the usual RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT (torchrun sets
+    them), or Slurm's SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID and node list under srun;
+    without either it starts a world of one.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -86,6 +60,7 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_s: int 
 
     cpu_support.install()
     if not dist.is_initialized():
+        os.environ.update(slurm_environment())
         rank = int(os.environ.get("RANK", 0))
         world = int(os.environ.get("WORLD_SIZE", 1))
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

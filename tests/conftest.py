@@ -9,7 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from model.info import quiet_megatron_warnings  # noqa: E402
+from model import quiet_megatron_warnings  # noqa: E402
 
 quiet_megatron_warnings()
 warnings.filterwarnings("ignore", category=DeprecationWarning)

@@ -4,7 +4,7 @@ import pytest
 
 from model.accounting import count_parameters, train_flops_per_token
 from model.build import build_model, stage_plan
-from model.info import main as model_info
+from pretrain.info import main as model_info
 from pretrain.config import compose
 from pretrain.parallel import ParallelConfig
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
+
+from model import quiet_megatron_warnings
 
 HELP_EPILOG = """\
 overrides use Hydra syntax, e.g.:
@@ -31,12 +32,6 @@ PART_LABELS = {
     "norms": "RMSNorm weights",
     "mtp_proj": "MTP eh_proj",
 }
-
-
-def quiet_megatron_warnings() -> None:
-    for text in ("Apex is not installed", "Transformer Engine and Apex are not installed",
-                 "full scope is deprecated"):
-        warnings.filterwarnings("ignore", message=f".*{text}.*")
 
 
 def _human(n: float) -> str:
