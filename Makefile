@@ -8,9 +8,12 @@ DATA   := outputs/data/embedded
 
 .PHONY: smoke test setup data clean
 
-smoke: data  ## the main job: scaled-down model on CPU (or the local GPU), on the embedded corpus
+RUN    := outputs/runs/smoke/$(shell date +%Y%m%d-%H%M%S)
+
+smoke: data  ## the main job: train the scaled-down model on CPU (or the local GPU), on the embedded corpus
 	$(VENV)/bin/glm-model-info model=smoke --optimizer
-	$(VENV)/bin/glm-data inspect --stage data=smoke
+	$(VENV)/bin/glm-pretrain experiment=smoke run.dir=$(RUN)
+	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir $(RUN)/tensorboard   (resume or extend: glm-pretrain experiment=smoke run.dir=$(RUN))"
 
 data: $(DATA)/general/manifest.json $(DATA)/code/manifest.json  ## the embedded default corpus, as shards
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import signal
 
 import numpy as np
 import torch
@@ -110,6 +111,14 @@ def unpack(packed: torch.Tensor, packing: str) -> dict:
 
 def _as_is(item):
     return item
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    # A scheduler stops a job by signalling every process in it (Slurm's SIGTERM at a time limit,
+    # `--signal=USR1`). The process that owns the loader decides when to stop, and may still need
+    # batches before it does; its workers end with it (DataLoader watches its parent).
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class _Slots(IterableDataset):
@@ -218,7 +227,8 @@ class TokenLoader:
     def __iter__(self):
         slots = self.producer()
         loader = DataLoader(slots, batch_size=None, num_workers=self.cfg.num_workers, pin_memory=self.pin_memory,
-                            prefetch_factor=4 if self.cfg.num_workers else None, collate_fn=_as_is)
+                            prefetch_factor=4 if self.cfg.num_workers else None, collate_fn=_as_is,
+                            worker_init_fn=_ignore_stop_signals)
         for packed, w, state in loader:
             self.worker_states[w] = state
             self.next_worker = (w + 1) % self.n_workers

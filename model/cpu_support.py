@@ -28,6 +28,20 @@ def _cpu_causal_mask(sq: int) -> torch.Tensor:
     return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
 
 
+class _TorchAllocatingOnCpu:
+    """`torch` as Megatron's pipeline schedules see it on a CPU-only machine: the same module,
+    except that tensors asked for on "cuda" are made on the CPU."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args, device=None, **kw):
+        if device is not None and torch.device(device).type == "cuda":
+            device = "cpu"
+        return torch.zeros(*args, device=device, **kw)
+
+
 def _name_missing_te_gemm() -> None:
     # The router's gating GEMM tests `te_general_gemm is not None`, but the name is only bound
     # when Transformer Engine imports, so without it the router raises NameError, on CPU and GPU
@@ -68,6 +82,12 @@ def install() -> bool:
     from megatron.core.fusions import fused_softmax
 
     fused_softmax.get_default_causal_mask = _cpu_causal_mask
+
+    # Every schedule, the no-pipelining one included, allocates its token counter with
+    # `torch.zeros([], dtype=torch.int, device="cuda")` (pipeline_parallel/schedules.py).
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.torch = _TorchAllocatingOnCpu()
 
     _installed = True
     return True

@@ -8,20 +8,63 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data.config import DataConfig
-from model.config import ConfigError, ModelConfig
+import configs  # the config tree: a package, so that an install without -e carries it
+from data.config import DataConfig, DataConfigError
+from model.config import ConfigError, ModelConfig, ParallelConfig
 from optim.config import OptimConfig
-from pretrain.parallel import ParallelConfig
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(configs.__file__).resolve().parent
 
 # group name -> schema; each group's file is configs/<group>/<choice>.yaml
 SCHEMAS = {"model": ModelConfig, "parallel": ParallelConfig, "data": DataConfig, "optim": OptimConfig}
+
+
+@dataclass
+class StageConfig:
+    """One training stage: what changes when the run's consumed tokens reach it.
+
+    Unset (null) fields keep the value the previous stage (or the model config) had."""
+    tokens: float = MISSING  # tokens trained in this stage
+    data: str = MISSING  # a member of configs/data
+    seq_length: Optional[int] = None  # default: the data member's
+    packing: Optional[str] = None  # concat | best_fit; default: the data member's
+    rope_theta: Optional[float] = None
+    expert_bias_update_rate: Optional[float] = None  # loss-free balance step (0 stops it)
+    mtp_loss_weight: Optional[float] = None
+    recompute: Optional[str] = None  # none | selective | full
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 1  # sequences per forward/backward on one data-parallel rank
+    # Global batch in tokens, ramped linearly from batch_start_tokens over the first
+    # batch_ramp_tokens consumed tokens (in tokens, so it stays right when seq_length changes).
+    global_batch_tokens: int = 64 * 2**20
+    batch_start_tokens: int = 16 * 2**20
+    batch_ramp_tokens: float = 500e9
+    # Learning rate: linear warm-up from 0 to optim.lr over lr_warmup_tokens, then cosine to lr_min
+    # at the end of the last stage.
+    lr_warmup_tokens: float = 2e9
+    lr_min: float = 2.5e-5
+    dtype: str = "auto"  # bf16 | fp32 | auto (bf16 on a GPU that has it, fp32 on CPU)
+    seed: int = 1234
+    log_every: int = 1  # steps between console lines and TensorBoard points
+    eval_every: int = 0  # steps between validations (0: never)
+    eval_batches: int = 2  # micro-batches per validation, per data-parallel rank
+    save_every: int = 1000  # steps between checkpoints (0: only at the end and on signals)
+    keep_last: int = 3  # checkpoints kept (the newest); 0 keeps all
+    max_steps: int = 0  # stop after this many steps (0: at the end of the last stage)
+
+
+@dataclass
+class RunConfig:
+    dir: str = "outputs/runs/default"  # resolved config, TensorBoard events, checkpoints, log
+    exit_after_minutes: float = 0.0  # save and exit with EXIT_RESUME after this long (0: never)
 
 
 @dataclass
@@ -30,13 +73,52 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    stages: dict = field(default_factory=dict)  # name -> StageConfig, in training order
+    stage_data: dict = field(default_factory=dict)  # name -> the stage's DataConfig
+    experiment: str = ""
     sources: dict = field(default_factory=dict)  # group -> file it came from, for error messages
 
     def validate(self, world_size: int | None = None) -> "Config":
         self.model.validate(self.sources.get("model", "model"))
         self.parallel.validate(self.model, world_size, self.sources.get("parallel", "parallel"))
-        self.data.validate(self.sources.get("data", "data"))
+        try:
+            self.data.validate(self.sources.get("data", "data"))
+        except DataConfigError as e:
+            raise ConfigError(str(e)) from None
         self.optim.validate(self.sources.get("optim", "optim"))
+        where = self.sources.get("experiment", "experiment")
+        t = self.train
+        for name in ("micro_batch_size", "global_batch_tokens", "batch_start_tokens", "log_every", "eval_batches"):
+            if getattr(t, name) < 1:
+                raise ConfigError(f"{where}: train.{name}={getattr(t, name)} must be positive")
+        for name in ("batch_ramp_tokens", "lr_warmup_tokens", "lr_min", "eval_every", "save_every",
+                     "keep_last", "max_steps"):
+            if getattr(t, name) < 0:
+                raise ConfigError(f"{where}: train.{name}={getattr(t, name)} must be >= 0")
+        if t.batch_start_tokens > t.global_batch_tokens:
+            raise ConfigError(f"{where}: train.batch_start_tokens={t.batch_start_tokens} exceeds "
+                              f"train.global_batch_tokens={t.global_batch_tokens}")
+        if t.lr_min > self.optim.lr:
+            raise ConfigError(f"{where}: train.lr_min={t.lr_min} exceeds optim.lr={self.optim.lr}")
+        if t.dtype not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"{where}: train.dtype={t.dtype!r} must be auto, bf16 or fp32")
+        if self.run.exit_after_minutes < 0:
+            raise ConfigError(f"{where}: run.exit_after_minutes={self.run.exit_after_minutes} must be >= 0")
+        for name, st in self.stages.items():
+            if not st.tokens > 0:
+                raise ConfigError(f"{where}: stages.{name}.tokens={st.tokens} must be positive")
+            if st.recompute not in (None, "none", "selective", "full"):
+                raise ConfigError(f"{where}: stages.{name}.recompute={st.recompute!r} must be none, selective or full")
+            for f in ("rope_theta", "expert_bias_update_rate", "mtp_loss_weight"):
+                v = getattr(st, f)
+                if v is not None and v < 0:
+                    raise ConfigError(f"{where}: stages.{name}.{f}={v} must be >= 0")
+            try:
+                self.stage_data[name].validate(f"{where}: stages.{name} (data={st.data})")
+            except DataConfigError as e:
+                raise ConfigError(str(e)) from None
         return self
 
 
@@ -48,11 +130,10 @@ def to_schema(schema: type, raw: DictConfig | dict, source: str, group: str):
         key = getattr(e, "full_key", None) or getattr(e, "key", None) or "?"
         msg = str(getattr(e, "msg", None) or e).splitlines()[0]
         raise ConfigError(f"{source}: {group}.{key}: {msg}") from None
-    obj = OmegaConf.to_object(merged)
-    missing = [k for k, v in vars(obj).items() if v == "???"]
+    missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
-        raise ConfigError(f"{source}: required field(s) not set: {', '.join(missing)}")
-    return obj
+        raise ConfigError(f"{source}: required field(s) not set: {', '.join(f'{group}.{k}' for k in missing)}")
+    return OmegaConf.to_object(merged)
 
 
 def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None,
@@ -64,6 +145,10 @@ def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None,
     from hydra.errors import HydraException
 
     config_dir = Path(config_dir or CONFIG_DIR).resolve()
+    # train/run/stages fields need not appear in an experiment file to be overridden: "++" adds or
+    # overrides; a misspelt field still fails below, against its schema, with the file named.
+    overrides = [f"++{o}" if o.split(".", 1)[0] in ("train", "run", "stages") and "=" in o
+                 and not o.startswith(("+", "~")) else o for o in overrides]
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base=None):
@@ -78,4 +163,31 @@ def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None,
         source = str(config_dir / group / f"{choices.get(group)}.yaml") if choices.get(group) else group
         out.sources[group] = source
         setattr(out, group, to_schema(schema, cfg.get(group, {}), source, group))
+    out.experiment = choices.get("experiment") or ""
+    where = str(config_dir / "experiment" / f"{out.experiment}.yaml") if out.experiment else "config"
+    out.sources["experiment"] = where
+    out.train = to_schema(TrainConfig, cfg.get("train", {}), where, "train")
+    out.run = to_schema(RunConfig, cfg.get("run", {}), where, "run")
+    for name, raw in (cfg.get("stages") or {}).items():
+        out.stages[name] = stage = to_schema(StageConfig, raw, where, f"stages.{name}")
+        out.stage_data[name] = stage_data(stage, out.data, config_dir, where, name)
+    if not out.stages:  # no recipe: one stage on the `data` group, as long as max_steps allows
+        out.stages["main"] = StageConfig(tokens=float("inf"), data=choices.get("data") or "")
+        out.stage_data["main"] = out.data
     return out.validate()
+
+
+def stage_data(stage: StageConfig, loader: DataConfig, config_dir: Path, where: str, name: str) -> DataConfig:
+    """The stage's data: its configs/data member, with the stage's seq_length and packing, and the
+    loader settings (num_workers, on_error) of the `data` group, which apply to every stage."""
+    path = config_dir / "data" / f"{stage.data}.yaml"
+    if not path.is_file():
+        members = sorted(p.stem for p in (config_dir / "data").glob("*.yaml"))
+        raise ConfigError(f"{where}: stages.{name}.data={stage.data!r}: no {path} (members: {', '.join(members)})")
+    data = to_schema(DataConfig, OmegaConf.load(path), str(path), "data")
+    data.num_workers, data.on_error = loader.num_workers, loader.on_error
+    if stage.seq_length is not None:
+        data.seq_length = stage.seq_length
+    if stage.packing is not None:
+        data.packing = stage.packing
+    return data

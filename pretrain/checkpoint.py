@@ -1,0 +1,137 @@
+"""The one way a run saves and loads its state: Megatron dist-checkpointing, atomically.
+
+What a checkpoint holds (`run.dir/checkpoints/step-XXXXXXXX/`):
+  - the model, through its `sharded_state_dict` (global layer and expert ids: loads under another
+    tensor / expert / data-parallel layout);
+  - both optimizer sides (optim/checkpoint.py: whole-model names, each owner writes its part);
+  - common state written once: the trainer's counters (step, consumed tokens and samples, stage,
+    skipped steps), and each rank's loader state and RNG states, gathered by rank 0;
+  - `meta.json`: step, tokens, stage, world size and layout, for people and tools.
+
+A save writes into `.tmp-step-XXXXXXXX` and is renamed once every rank has finished; then
+`latest` (a one-line file) is replaced atomically. So `latest` only ever names a complete
+checkpoint, and a crash in the middle of a save leaves the previous one intact. Only the newest
+`keep_last` are kept. Loading reads plain data only (torch.load with weights_only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+LATEST = "latest"
+_TMP = ".tmp-"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _gather(obj) -> list:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        state["tracker"] = {k: v for k, v in get_cuda_rng_tracker().get_states().items()}
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+class CheckpointManager:
+    def __init__(self, run_dir: str | Path, keep_last: int = 3):
+        self.dir = Path(run_dir) / "checkpoints"
+        self.keep_last = keep_last
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint, or None."""
+        pointer = self.dir / LATEST
+        if not pointer.is_file():
+            return None
+        path = self.dir / pointer.read_text().strip()
+        if not (path / "meta.json").is_file():
+            raise FileNotFoundError(f"{pointer} names {path.name}, which is not a complete checkpoint")
+        return path
+
+    def save(self, step: int, model, optimizer, common: dict, per_rank: dict, meta: dict) -> Path:
+        """Save on every rank (collective). `common`: plain data, the same on every rank;
+        `per_rank`: this rank's plain data (loader state, RNG), gathered to rank 0."""
+        from megatron.core import dist_checkpointing
+
+        from optim import checkpoint as optim_checkpoint
+
+        name = f"step-{step:08d}"
+        tmp, final = self.dir / f"{_TMP}{name}", self.dir / name
+        ranks = _gather(per_rank)
+        if _rank() == 0:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        _barrier()
+        state = {"model": model.sharded_state_dict(), **optim_checkpoint.sharded_state_dict(optimizer),
+                 "trainer": common, "ranks": ranks}
+        dist_checkpointing.save(state, str(tmp))
+        _barrier()
+        if _rank() == 0:
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+            if final.exists():  # the same step saved again (a resumed run that stopped at once)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            pointer = self.dir / f"{LATEST}.tmp"
+            pointer.write_text(name + "\n")
+            os.replace(pointer, self.dir / LATEST)
+            self._prune(keep=name)
+        _barrier()
+        return final
+
+    def _prune(self, keep: str) -> None:
+        for stale in self.dir.glob(f"{_TMP}*"):  # left by a save that died
+            shutil.rmtree(stale, ignore_errors=True)
+        if not self.keep_last:
+            return
+        done = sorted(p for p in self.dir.glob("step-*") if (p / "meta.json").is_file())
+        for old in done[:-self.keep_last]:
+            if old.name != keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, path: Path, model, optimizer) -> tuple[dict, dict]:
+        """Load model and optimizer in place; return (trainer's common state, this rank's own
+        per-rank state, or every rank's under `all` when the world size changed)."""
+        from megatron.core import dist_checkpointing
+
+        from optim import checkpoint as optim_checkpoint
+
+        state = {"model": model.sharded_state_dict(), **optim_checkpoint.sharded_state_dict(optimizer)}
+        loaded = dist_checkpointing.load(state, str(path))
+        model.load_state_dict(loaded["model"])
+        optim_checkpoint.load_sharded_state_dict(optimizer, loaded)
+        ranks = loaded["ranks"]
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        mine = ranks[_rank()] if len(ranks) == world else None
+        return loaded["trainer"], {"mine": mine, "all": ranks}

@@ -1,0 +1,113 @@
+"""glm-pretrain: train (or resume) a GLM-family MoE model from the Hydra config tree.
+
+  glm-pretrain experiment=smoke
+  torchrun --nproc-per-node 8 -m pretrain experiment=glm45_air parallel.expert=8
+  srun glm-pretrain experiment=glm45 run.dir=/ckpt/glm45   (Slurm: one task per GPU)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+HELP = """\
+usage: glm-pretrain experiment=NAME [field=value ...]
+
+Train a deep-narrow GLM-4.5-family MoE model on Megatron-Core. The run directory (run.dir) holds
+the resolved config, TensorBoard events (tensorboard/), checkpoints (checkpoints/, `latest` names
+the newest complete one) and the log; starting again with the same run.dir resumes from `latest`.
+
+experiments (configs/experiment/):
+{experiments}
+
+main fields (any field of any group can be overridden with Hydra syntax):
+  model=glm45|glm45_air|smoke|tiny      model.num_layers=8 ...       (configs/model/)
+  parallel.tensor / .expert / .expert_tensor / .pipeline / .context  (data parallel = the rest)
+  optim=muon|adamw  optim.lr=2.5e-4  optim.weight_decay=0.1  optim.clip_grad=1.0
+  train.micro_batch_size  train.global_batch_tokens  train.batch_start_tokens  train.batch_ramp_tokens
+  train.lr_warmup_tokens  train.lr_min  train.dtype=auto|bf16|fp32  train.max_steps
+  train.log_every  train.save_every  train.keep_last
+  stages.<name>.tokens / .data / .seq_length / .packing / .rope_theta / .expert_bias_update_rate
+                / .mtp_loss_weight / .recompute
+  data.num_workers  data.on_error=fail|skip     (loader settings, applied to every stage)
+  run.dir=outputs/runs/NAME  run.exit_after_minutes=0
+
+exit codes: 0 finished; 75 stopped early on SIGTERM / SIGUSR1 / run.exit_after_minutes with a
+checkpoint saved (start it again to resume); 1 an error; 2 a bad config.
+"""
+
+
+def _experiments() -> str:
+    from pretrain.config import CONFIG_DIR
+
+    lines = []
+    for path in sorted((CONFIG_DIR / "experiment").glob("*.yaml")):
+        first = next((ln[2:].strip() for ln in path.read_text().splitlines()
+                      if ln.startswith("# ") and "@package" not in ln), "")
+        lines.append(f"  {path.stem:<12} {first}")
+    return "\n".join(lines)
+
+
+def _setup_logging(run_dir: Path, rank: int) -> None:
+    fmt = "%(asctime)s %(message)s" if rank == 0 else f"%(asctime)s [rank {rank}] %(message)s"
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(run_dir / "log.txt"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=fmt,
+                        datefmt="%H:%M:%S", handlers=handlers, force=True)
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # its DDP lists every bucket's parameters
+
+
+def _save_config(cfg, run_dir: Path) -> None:
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    plain = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "sources"}
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(plain)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(HELP.format(experiments=_experiments()))
+        return 0
+    from data.format import DataError
+    from model.config import ConfigError
+    from model import quiet_megatron_warnings
+    from pretrain.config import compose
+    from pretrain.parallel import slurm_environment
+
+    quiet_megatron_warnings()
+    rank = int(os.environ.get("RANK", slurm_environment().get("RANK", 0)))
+    try:
+        cfg = compose(argv)
+        if not cfg.experiment:
+            raise ConfigError("no experiment chosen: add experiment=NAME (glm-pretrain --help lists them)")
+        from pretrain.train import preflight
+
+        preflight(cfg)
+    except (ConfigError, DataError) as e:
+        print(f"glm-pretrain: {e}", file=sys.stderr)
+        return 2
+    run_dir = Path(cfg.run.dir)
+    _setup_logging(run_dir, rank)
+    if rank == 0:
+        _save_config(cfg, run_dir)
+    from pretrain.train import train
+
+    try:
+        return train(cfg)
+    except FloatingPointError as e:  # non-finite gradients optim.max_skipped_steps times in a row
+        logging.getLogger("pretrain").error(f"rank {rank}: {e}")
+        return 1
+    except Exception:
+        logging.getLogger("pretrain").exception(f"rank {rank} failed")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""One micro-batch through the model: inputs, attention mask, loss. The forward-step function
+handed to Megatron-Core's `get_forward_backward_func()` schedules."""
+
+from __future__ import annotations
+
+import torch
+
+
+def attention_mask(batch: dict) -> torch.Tensor | None:
+    """None (causal, Megatron's default) for concatenated sequences; for best-fit packing a
+    [b, 1, s, s] mask (True = masked) that keeps each document from seeing the others."""
+    segments = batch.get("segment_ids")
+    if segments is None:
+        return None
+    s = segments.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=segments.device).tril()
+    same = segments[:, :, None] == segments[:, None, :]
+    return ~(same & causal)[:, None]
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def forward_step(data_iterator, model):
+    """Megatron's forward-step contract: (per-token losses, loss function of them)."""
+    device = next(model.parameters()).device
+    batch = to_device(next(data_iterator), device)
+    mask = batch["loss_mask"]
+    losses = model(batch["tokens"], batch["position_ids"], attention_mask(batch), labels=batch["labels"],
+                   loss_mask=mask)
+
+    def loss_func(output: torch.Tensor):
+        # mean over this micro-batch's tokens that carry a loss; the schedule divides by the number
+        # of micro-batches and DDP averages over data-parallel ranks
+        loss = (output.float() * mask).sum() / mask.sum().clamp(min=1)
+        # a copy: the schedule divides the returned loss in place by the number of micro-batches
+        return loss, {"lm loss": loss.detach().clone()}
+
+    return losses, loss_func

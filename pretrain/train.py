@@ -1,0 +1,309 @@
+"""The training loop: build, resume, then step through the stages until the tokens run out.
+
+Reads top to bottom. Its parts each have one home: the forward step and loss (pretrain/step.py),
+stages (pretrain/stages.py), schedules (pretrain/schedules.py), checkpoints
+(pretrain/checkpoint.py), metrics (pretrain/metrics.py), signals and exit codes
+(pretrain/faults.py). Megatron-Core does the rest: parallel state, DDP, the micro-batch schedule,
+`finalize_model_grads` (gradient all-reduce and the loss-free expert-bias update).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pretrain import schedules, stages as stages_mod
+from pretrain.checkpoint import CheckpointManager, rng_state, set_rng_state
+from pretrain.config import Config
+from pretrain.faults import EXIT_DONE, EXIT_RESUME, StopFlag
+from pretrain.metrics import Metrics, console_line, moe_layer_scalars, params_norm, peak_flops
+from pretrain.step import forward_step
+
+log = logging.getLogger("pretrain")
+
+
+def model_dtype(name: str) -> torch.dtype:
+    if name == "bf16" or (name == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float32
+
+
+class ExpertLoad:
+    """Tokens per expert of each MoE layer in the last step, read before `finalize_model_grads`
+    (which consumes and zeroes Megatron's counters for the expert-bias update)."""
+
+    def __init__(self, model):
+        self.routers = [(name, m) for name, m in model.named_modules() if hasattr(m, "expert_bias")
+                        and getattr(m, "local_tokens_per_expert", None) is not None]
+        self.counts: list[torch.Tensor] = []
+
+    def finalize(self, *args, **kwargs):
+        from megatron.core.distributed import finalize_model_grads
+
+        self.counts = [m.local_tokens_per_expert.detach().clone() for _, m in self.routers]
+        return finalize_model_grads(*args, **kwargs)
+
+    def scalars(self) -> dict:
+        from megatron.core import parallel_state as ps
+
+        if not self.counts:
+            return {}
+        counts = torch.stack(self.counts)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(counts, group=ps.get_tensor_and_data_parallel_group(with_context_parallel=True))
+        ids = [int(name.split("layers.")[1].split(".")[0]) if "decoder.layers." in name else f"mtp{k}"
+               for k, (name, _) in enumerate(self.routers)]
+        return moe_layer_scalars(counts, [m.expert_bias for _, m in self.routers], ids)
+
+
+def _reduced_mean(values: list[torch.Tensor]) -> float:
+    """Mean of the micro-batch losses over micro-batches and data-parallel ranks."""
+    from megatron.core import parallel_state as ps
+
+    total = torch.stack([v.float() for v in values]).mean()
+    if dist.is_initialized() and ps.get_data_parallel_world_size(with_context_parallel=True) > 1:
+        total = total.clone()
+        dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
+        total /= ps.get_data_parallel_world_size(with_context_parallel=True)
+    return float(total)
+
+
+def _aux_scalars(model_cfg, n_micro: int) -> dict:
+    """Megatron's trackers: the sequence-level balance loss per MoE layer, and MTP losses."""
+    from megatron.core.transformer.moe.moe_utils import track_moe_metrics
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    out: dict = {}
+    if model_cfg.num_experts:
+        track_moe_metrics(loss_scale=1.0 / n_micro, iteration=0, writer=None, total_loss_dict=out,
+                          num_layers=model_cfg.num_layers,
+                          moe_layer_freq=[0] * model_cfg.first_k_dense + [1] * model_cfg.num_moe_layers,
+                          mtp_num_layers=model_cfg.mtp_num_layers)
+    if model_cfg.mtp_num_layers:
+        MTPLossLoggingHelper.track_mtp_metrics(loss_scale=1.0 / n_micro, iteration=0, writer=None,
+                                               total_loss_dict=out)
+    return {k: float(v) for k, v in out.items()}
+
+
+class Trainer:
+    """Everything the loop needs, built once; `run()` is the loop."""
+
+    def __init__(self, cfg: Config, run_dir: Path):
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        from model.build import build_model
+        from optim.optimizer import Optimizer
+
+        self.cfg, self.run_dir = cfg, run_dir
+        self.rank = dist.get_rank()
+        self.dp = ps.get_data_parallel_world_size(with_context_parallel=True)
+        self.dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
+        self.dtype = model_dtype(cfg.train.dtype)
+        self.model = build_model(cfg.model, cfg.parallel, dtype=self.dtype)
+        self.ddp = DistributedDataParallel(self.model.config, DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False), self.model)
+        self.load = ExpertLoad(self.model)
+        self.model.config.no_sync_func = self.ddp.no_sync
+        self.model.config.finalize_model_grads_func = self.load.finalize
+        self.optimizer = Optimizer(self.model, cfg.optim)
+        self.stages = stages_mod.Stages(cfg)
+        self.checkpoints = CheckpointManager(run_dir, cfg.train.keep_last)
+        self.metrics = Metrics(run_dir, enabled=self.rank == 0)
+        self.device = next(self.model.parameters()).device
+        self.peak, self.peak_source = peak_flops(self.device, self.dtype)
+        # trainer state: all of it is saved in a checkpoint
+        self.step = 0
+        self.tokens = 0
+        self.samples = 0
+        self.skipped = 0
+        self.stage_name = ""
+        self.loader = None
+        self.loader_states: list | None = None  # every rank's loader state, to continue from
+        self.saved_step = -1
+
+    # ---- state -----------------------------------------------------------------------------
+
+    def resume(self) -> bool:
+        path = self.checkpoints.latest()
+        if path is None:
+            return False
+        common, ranks = self.checkpoints.load(path, self.model, self.optimizer)
+        self.step, self.tokens, self.samples = common["step"], common["tokens"], common["samples"]
+        self.skipped, self.stage_name = common["skipped"], common["stage"]
+        # one loader state per data-parallel rank (tensor/expert-parallel peers share theirs)
+        by_dp = {r["dp_rank"]: r["loader"] for r in ranks["all"]}
+        self.loader_states = [by_dp[i] for i in sorted(by_dp)]
+        self.saved_step = self.step
+        if ranks["mine"] is not None:
+            set_rng_state(ranks["mine"]["rng"])
+        log.info(f"resumed from {path} at step {self.step}, {self.tokens:,} tokens, stage {self.stage_name}")
+        return True
+
+    def save(self) -> Path:
+        stage = self.stages.at(self.tokens)
+        common = {"step": self.step, "tokens": self.tokens, "samples": self.samples, "skipped": self.skipped,
+                  "stage": self.stage_name}
+        per_rank = {"loader": self.loader.state_dict() if self.loader else self.loader_states[self.dp_rank],
+                    "dp_rank": self.dp_rank, "rng": rng_state()}
+        meta = {**common, "next_stage": stage.name if stage else None, "world_size": dist.get_world_size(),
+                "parallel": vars(self.cfg.parallel), "experiment": self.cfg.experiment}
+        path = self.checkpoints.save(self.step, self.model, self.optimizer, common, per_rank, meta)
+        self.saved_step = self.step
+        log.info(f"saved {path}")
+        return path
+
+    # ---- stages ----------------------------------------------------------------------------
+
+    def enter(self, stage: stages_mod.Stage) -> None:
+        """Start `stage`'s loader (continuing every source it shares with the last one) and put its
+        values into the model."""
+        from data.loader import TokenLoader
+
+        if self.loader is not None:
+            self.loader_states = _all_gather_dp(self.loader.state_dict())
+        data = self.cfg.stage_data[stage.name]
+        self.loader = TokenLoader(data, self.cfg.train.micro_batch_size, rank=self.dp_rank, n_ranks=self.dp,
+                                  model_vocab=self.cfg.model.vocab_size, states=self.loader_states,
+                                  pin_memory=self.device.type == "cuda")
+        self.iterator = iter(self.loader)
+        values = stages_mod.settings(self.stages, stage, self.cfg.model)
+        stages_mod.apply(values, self.model)
+        switched = self.stage_name and self.stage_name != stage.name
+        self.stage_name = stage.name
+        self.seq_length = data.seq_length
+        msg = (f"stage {stage.index} '{stage.name}' from {stage.start_tokens:,.0f} tokens: data={stage.cfg.data} "
+               f"seq_length={data.seq_length} packing={data.packing} " + " ".join(f"{k}={v}" for k, v in values.items()))
+        log.info(("switched to " if switched else "") + msg)
+        self.metrics.text("stage", msg, self.step)
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    def train_step(self, n_micro: int, lr: float):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        self.ddp.zero_grad_buffer()
+        losses = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=self.iterator, model=self.ddp,
+            num_microbatches=n_micro, seq_length=self.seq_length,
+            micro_batch_size=self.cfg.train.micro_batch_size, forward_only=False)
+        info = self.optimizer.step(lr)
+        return _reduced_mean([x["lm loss"] for x in losses]), info
+
+    def run(self) -> int:
+        from model.accounting import train_flops_per_token
+
+        cfg, t = self.cfg, self.cfg.train
+        stop = StopFlag(cfg.run.exit_after_minutes)
+        granule = t.micro_batch_size * self.dp
+        total = self.stages.total_tokens
+        started = time.monotonic()
+        start_tokens = self.tokens
+        try:
+            while True:
+                stage = self.stages.at(self.tokens)
+                if stage is None or (t.max_steps and self.step >= t.max_steps):
+                    if self.saved_step != self.step:
+                        self.save()
+                    log.info(f"done: step {self.step}, {self.tokens:,} tokens")
+                    return EXIT_DONE
+                if self.loader is None or stage.name != self.stage_name:
+                    self.enter(stage)
+                seqs = schedules.batch_sequences(self.tokens, t.batch_start_tokens, t.global_batch_tokens,
+                                                 t.batch_ramp_tokens, self.seq_length, granule)
+                lr = schedules.learning_rate(self.tokens, cfg.optim.lr, t.lr_min, t.lr_warmup_tokens, total)
+                tick = time.perf_counter()
+                loss, info = self.train_step(seqs // granule, lr)
+                elapsed = time.perf_counter() - tick
+                batch_tokens = seqs * self.seq_length
+                self.step += 1
+                self.tokens += batch_tokens
+                self.samples += seqs
+                self.skipped += int(info.skipped)
+                if self.step % t.log_every == 0:
+                    flops = train_flops_per_token(cfg.model, self.seq_length) * batch_tokens
+                    world = dist.get_world_size()
+                    s = {"lm loss": loss, **_aux_scalars(cfg.model, seqs // granule), **self.load.scalars(),
+                         "learning-rate": lr, "batch-size": seqs, "grad-norm": info.grad_norm,
+                         "params-norm": params_norm(self.model), "iteration-time": elapsed,
+                         "throughput": flops / elapsed / world / 1e12,
+                         "tokens-per-second": batch_tokens / elapsed, "consumed-tokens": self.tokens,
+                         "stage": stage.index, "skipped-iterations": self.skipped,
+                         "mfu": flops / elapsed / world / self.peak if self.peak else None}
+                    if self.device.type == "cuda":
+                        s["mem-allocated-bytes"] = torch.cuda.memory_allocated()
+                        s["mem-max-allocated-bytes"] = torch.cuda.max_memory_allocated()
+                    self.metrics.write(s, self.step, self.tokens)
+                    rate = (self.tokens - start_tokens) / max(time.monotonic() - started, 1e-9)
+                    log.info(console_line(self.step, stage.name, s, max(0.0, stage.end_tokens - self.tokens) / rate,
+                                          max(0.0, total - self.tokens) / rate))
+                if t.save_every and self.step % t.save_every == 0:
+                    self.save()
+                if stop.should_stop():
+                    log.warning(f"stopping early ({stop.reason}): saving step {self.step}")
+                    self.save()
+                    return EXIT_RESUME
+        finally:
+            stop.restore()
+            self.metrics.close()
+
+
+def _all_gather_dp(obj) -> list:
+    """`obj` of every data-parallel rank, in data-parallel rank order."""
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_data_parallel_group(with_context_parallel=True)
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def preflight(cfg: Config) -> None:
+    """What can be checked before any process group starts, beyond the config's own validation:
+    context parallelism needs Transformer Engine's attention; every stage's sources open
+    (manifests only): missing data, mixed tokenizers, or a tokenizer with more ids than the
+    model's vocabulary fail here, named."""
+    from data import format as fmt
+    from data.loader import open_sources
+    from model.config import ConfigError
+    from model.spec import have_transformer_engine
+
+    if cfg.parallel.pipeline > 1:
+        raise ConfigError(f"{cfg.sources.get('parallel', 'parallel')}: parallel.pipeline={cfg.parallel.pipeline}: "
+                          "the training loop does not run pipeline parallelism yet; use parallel.pipeline=1 "
+                          "(glm-model-info shows pipeline layouts)")
+    if cfg.parallel.context > 1 and not have_transformer_engine():
+        raise ConfigError(f"{cfg.sources.get('parallel', 'parallel')}: parallel.context={cfg.parallel.context} "
+                          "needs Transformer Engine (Megatron-Core's context-parallel attention is TE's); "
+                          "it is not installed here: use parallel.context=1")
+
+    for name, data in cfg.stage_data.items():
+        try:
+            open_sources(data, cfg.model.vocab_size)
+        except fmt.DataError as e:
+            raise fmt.DataError(f"stages.{name} (data={cfg.stages[name].data}): {e}") from None
+
+
+def train(cfg: Config) -> int:
+    """Run (or resume) the training in cfg.run.dir; returns the exit code (pretrain/faults.py)."""
+    from pretrain.parallel import init_distributed, shutdown_distributed
+
+    run_dir = Path(cfg.run.dir)
+    init_distributed(cfg.parallel, seed=cfg.train.seed)
+    try:
+        trainer = Trainer(cfg, run_dir)
+        if trainer.rank == 0:
+            log.info(f"{cfg.experiment or 'run'} in {run_dir}: {dist.get_world_size()} process(es), "
+                     f"dp={trainer.dp}, {trainer.stages.total_tokens:,.0f} tokens in {len(trainer.stages.list)} "
+                     f"stage(s), dtype {str(trainer.dtype).replace('torch.', '')}, peak {trainer.peak / 1e12:.2f} "
+                     f"TFLOP/s ({trainer.peak_source})")
+        if not trainer.resume() and trainer.rank == 0:
+            log.info("starting from scratch (no checkpoint in this run directory)")
+        return trainer.run()
+    finally:
+        shutdown_distributed()
+

@@ -1,0 +1,422 @@
+"""The training loop through its real entry point (`python -m pretrain experiment=tiny`): schedules,
+stage switches on the live model, TensorBoard scalars, exact resume after SIGTERM and SIGKILL,
+tensor parallelism against one process."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain import schedules
+from pretrain.parallel import free_port
+from pretrain.faults import EXIT_RESUME
+
+# one pytest worker runs this whole module: its runs share the data and the uninterrupted reference
+pytestmark = pytest.mark.xdist_group("train")
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_STEPS = 27  # 12,416 tokens of the tiny experiment's two stages (ramp included)
+
+
+# ---- schedules ----------------------------------------------------------------------------------
+
+def test_learning_rate_warms_up_then_follows_the_cosine_to_its_minimum():
+    lr = lambda t: schedules.learning_rate(t, peak=2.5e-4, minimum=2.5e-5, warmup_tokens=100, total_tokens=1100)
+    assert lr(0) == 0 and lr(50) == pytest.approx(1.25e-4) and lr(100) == pytest.approx(2.5e-4)
+    assert lr(600) == pytest.approx((2.5e-4 + 2.5e-5) / 2)  # half-way through the decay
+    assert lr(1100) == pytest.approx(2.5e-5) and lr(5000) == pytest.approx(2.5e-5)
+    assert all(lr(t) >= lr(t + 10) for t in range(100, 1100, 10))
+
+
+def test_batch_ramps_in_tokens_and_rounds_to_whole_micro_batches_per_rank():
+    b = lambda t, seq=4096, granule=8: schedules.batch_sequences(t, 16 * 2**20, 64 * 2**20, 500e9, seq, granule)
+    assert b(0) == 4096 and b(500e9) == b(1e15) == 16384  # 16M -> 64M tokens at 4K
+    assert b(250e9) == 10240  # 40M tokens half-way
+    assert b(0, seq=32768) * 32768 == 16 * 2**20  # the same tokens at another sequence length
+    assert b(123e9, granule=24) % 24 == 0
+    assert schedules.batch_sequences(0, 10, 10, 0, 4096, 8) == 8  # never below one micro-batch per rank
+
+
+# ---- Slurm's environment ------------------------------------------------------------------------
+
+def test_slurm_environment_gives_rank_world_and_master():
+    from pretrain.parallel import first_host, slurm_environment
+
+    env = {"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "4242",
+           "SLURM_JOB_NODELIST": "gpu[003-004,9],login1"}
+    got = slurm_environment(env)
+    assert got == {"RANK": "9", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu003",
+                   "MASTER_PORT": str(20000 + 4242)}
+    assert slurm_environment({**env, "RANK": "0"}) == {}  # torchrun's variables win
+    assert first_host("node7") == "node7" and first_host("a1,b2") == "a1"
+
+
+# ---- runs of the tiny experiment ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    from tests.data_helpers import synthetic
+
+    root = tmp_path_factory.mktemp("data")
+    synthetic(root / "tiny" / "general", "general", 200, 1, doc_len=(20, 120), vocab=512)
+    synthetic(root / "tiny" / "code", "code", 200, 256, doc_len=(20, 120), vocab=512, seed=1)
+    return root
+
+
+def _command(run_dir: Path, *overrides: str, nproc: int = 1) -> list[str]:
+    launch = [sys.executable, "-m", "pretrain"] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
+         "-m", "pretrain"]
+    return [*launch, "experiment=tiny", f"run.dir={run_dir}", *overrides]
+
+
+def _env(data_root: Path) -> dict:
+    # not this pytest process's own world (the world1 fixture sets these while it runs)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    return {**env, "GLM_DATA_ROOT": str(data_root), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def _run(data_root, run_dir, *overrides, nproc=1, expect=0) -> str:
+    p = subprocess.run(_command(run_dir, *overrides, nproc=nproc), env=_env(data_root), cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == expect, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p.stdout
+
+
+def _interrupt(data_root, run_dir, at_step: int, sig: int, *overrides) -> int:
+    """Start a run and send `sig` once it has logged step `at_step`; returns its exit code. SIGKILL
+    goes to the whole process group, as Slurm kills a job step (the checkpoint writer keeps a
+    helper process)."""
+    p = subprocess.Popen(_command(run_dir, *overrides), env=_env(data_root), cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        for line in p.stdout:
+            if f"step {at_step:>6} " in line:
+                if sig == signal.SIGKILL:
+                    os.killpg(p.pid, sig)
+                else:
+                    p.send_signal(sig)
+                break
+        code = p.wait(timeout=600)
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)  # whatever the run left behind
+        except ProcessLookupError:
+            pass
+        p.stdout.close()
+    return code
+
+
+def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
+    """TensorBoard scalars by name and step (the last value written for a step wins, as TensorBoard
+    shows a run that went back to a checkpoint)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def final_model(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The model tensors of the run's latest checkpoint, read offline (torch DCP format)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    latest = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    out = run_dir / "final.pt"
+    dcp_to_torch_save(str(latest), str(out))
+    state = torch.load(out, weights_only=False)
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)
+            and k.startswith(("decoder.", "embedding.", "output_layer.", "mtp.", "optimizer."))}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_root, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run") / "uninterrupted"
+    out = _run(data_root, run_dir)
+    return run_dir, out
+
+
+def test_tiny_run_trains_through_both_stages_and_logs_the_scalars(uninterrupted):
+    run_dir, out = uninterrupted
+    assert "switched to stage 1 'mixed' from 4,096 tokens" in out and f"done: step {TINY_STEPS}," in out
+    s = scalars(run_dir)
+    for name in ("lm loss", "mtp_1 loss", "seq_load_balancing_loss", "learning-rate", "batch-size", "grad-norm",
+                 "params-norm", "iteration-time", "throughput", "tokens-per-second", "consumed-tokens", "stage",
+                 "skipped-iterations", "mfu", "moe/max_over_mean_tokens_per_expert_layer_1",
+                 "moe/expert_bias_std_layer_2", "lm loss vs tokens"):
+        assert name in s, name
+        assert len(s[name]) == TINY_STEPS, name
+    loss = s["lm loss"]
+    assert loss[1] == pytest.approx(math.log(512), abs=0.3)  # uniform over the vocabulary at start
+    assert loss[TINY_STEPS] < loss[1] - 0.3  # 27 short steps: learning, not converging
+    assert [s["batch-size"][i] for i in (1, 5, 8)] == [4, 6, 8]  # the ramp, in whole micro-batches
+    assert s["learning-rate"][1] == 0 and max(s["learning-rate"].values()) == pytest.approx(0.01)
+    assert s["stage"][11] == 0 and s["stage"][12] == 1
+    # loss-free balance moves the biases in stage 0 (rate 1e-3) and leaves them in stage 1 (rate 0)
+    std = s["moe/expert_bias_std_layer_1"]
+    assert std[2] > 0 and std[11] > std[2] and std[TINY_STEPS] == std[12]
+    config = (run_dir / "config.yaml").read_text()
+    assert "experiment: tiny" in config and (run_dir / "log.txt").is_file()
+
+
+def test_sigterm_saves_and_exits_for_resume_then_the_run_continues_exactly(uninterrupted, data_root, tmp_path):
+    ref_dir, _ = uninterrupted
+    run_dir = tmp_path / "run"
+    assert _interrupt(data_root, run_dir, 9, signal.SIGTERM) == EXIT_RESUME
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert latest in ("step-00000009", "step-00000010")
+    out = _run(data_root, run_dir)
+    assert f"resumed from {run_dir / 'checkpoints' / latest}" in out
+    want, got = scalars(ref_dir), scalars(run_dir)
+    for name in ("lm loss", "mtp_1 loss", "grad-norm", "params-norm", "moe/expert_bias_std_layer_1"):
+        assert got[name] == want[name], name
+    ref, resumed = final_model(ref_dir), final_model(run_dir)
+    assert ref.keys() == resumed.keys() and ref
+    for k in ref:
+        assert torch.equal(ref[k], resumed[k]), k
+
+
+def test_sigkill_loses_only_the_steps_since_the_last_checkpoint(uninterrupted, data_root, tmp_path):
+    ref_dir, _ = uninterrupted
+    run_dir = tmp_path / "run"
+    assert _interrupt(data_root, run_dir, 13, signal.SIGKILL, "train.save_every=5") == -signal.SIGKILL
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-00000010"
+    out = _run(data_root, run_dir, "train.save_every=5")
+    assert "resumed from" in out and "step-00000010" in out
+    want, got = scalars(ref_dir), scalars(run_dir)
+    assert got["lm loss"] == want["lm loss"] and got["params-norm"] == want["params-norm"]
+    # keep_last=2: only the newest two complete checkpoints remain, and no temporary directory
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == ["latest", "step-00000025", f"step-{TINY_STEPS:08d}"]
+
+
+def test_timer_stops_the_run_like_a_signal(data_root, tmp_path):
+    out = _run(data_root, tmp_path / "run", "run.exit_after_minutes=0.0001", expect=EXIT_RESUME)
+    assert "stopping early (run.exit_after_minutes): saving step 1" in out
+
+
+def test_bad_config_and_data_fail_before_starting(data_root, tmp_path):
+    p = subprocess.run(_command(tmp_path / "r", "train.micro_batch_sizes=2"), env=_env(data_root), cwd=ROOT,
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "experiment/tiny.yaml" in p.stderr and "micro_batch_sizes" in p.stderr
+    p = subprocess.run(_command(tmp_path / "r", "model.vocab_size=256"), env=_env(data_root), cwd=ROOT,
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "stages.general" in p.stderr and "512" in p.stderr
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.distributed
+def test_tensor_parallel_run_gives_the_single_process_losses(uninterrupted, data_root, tmp_path):
+    ref_dir, _ = uninterrupted
+    run_dir = tmp_path / "tp2"
+    _run(data_root, run_dir, "parallel.tensor=2", "optim.muon.ns_dtype=fp32", nproc=2)
+    want, got = scalars(ref_dir)["lm loss"], scalars(run_dir)["lm loss"]
+    assert got.keys() == want.keys()
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-4, abs=1e-5), step
+
+
+def test_stage_switch_reaches_the_live_model_and_loader(world1, data_root, monkeypatch, tmp_path):
+    """At a switch the RoPE frequencies (and Megatron's cached embeddings), MTP weight (the config
+    and the MTP block's own copy), bias rate and the loader's sequence layout all change."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    from pretrain import stages as stages_mod
+    from pretrain.config import compose
+    from pretrain.train import Trainer
+
+    monkeypatch.setenv("GLM_DATA_ROOT", str(data_root))
+    cfg = compose(["experiment=tiny"])
+    trainer = Trainer(cfg, tmp_path)
+    first, second = trainer.stages.list
+    trainer.enter(first)
+    rope = next(m for m in trainer.model.modules() if isinstance(m, RotaryEmbedding))
+    before = rope(64).clone()
+    live = stages_mod.live_values(trainer.model)
+    assert live.pop("recompute") == "none" and not any(live.pop("checkpoint_core_attention"))
+    assert live == pytest.approx({"rope_theta": 1e4, "expert_bias_update_rate": 1e-3, "mtp_loss_weight": 0.3,
+                                  "mtp_block_loss_weight": 0.3}, rel=1e-5)
+    assert "segment_ids" not in next(trainer.iterator)
+    trainer.enter(second)
+    live = stages_mod.live_values(trainer.model)
+    assert live.pop("recompute") == "selective" and all(live.pop("checkpoint_core_attention"))
+    assert live == pytest.approx({"rope_theta": 1e6, "expert_bias_update_rate": 0.0, "mtp_loss_weight": 0.1,
+                                  "mtp_block_loss_weight": 0.1}, rel=1e-5)
+    after = rope(64)  # not the embedding cached for the old base
+    half = rope.inv_freq.numel()
+    want = 1e6 ** (-torch.arange(0, 2 * half, 2, dtype=torch.float32) / (2 * half))
+    torch.testing.assert_close(after[1, 0, 0, :half], want)  # position 1: the frequencies themselves
+    assert not torch.equal(before, after)
+    assert "segment_ids" in next(trainer.iterator)  # best_fit packing in the second stage
+
+
+def test_non_finite_losses_skip_steps_then_stop_the_run(world1, data_root, monkeypatch, tmp_path):
+    """NaN injected into the loss of chosen steps: each such step is skipped and counted (parameters
+    untouched), training goes on; optim.max_skipped_steps in a row stop the run with the reason."""
+    from model.sharding import gather_whole
+    from pretrain import train as train_mod
+    from pretrain.config import compose
+
+    monkeypatch.setenv("GLM_DATA_ROOT", str(data_root))
+    poisoned, seen = {3, 5, 6}, []
+    real = train_mod.forward_step
+
+    def forward_step(data_iterator, model):
+        losses, loss_func = real(data_iterator, model)
+        step = len(seen)
+        return (losses * float("nan") if step in poisoned else losses), loss_func
+
+    def train_step(self, n_micro, lr):
+        before = {k: v.clone() for k, v in gather_whole(self.model).items()}
+        loss, info = type(self).train_step.__wrapped__(self, n_micro, lr)
+        seen.append(info.skipped)
+        after = gather_whole(self.model)
+        assert lr == 0 or info.skipped == all(torch.equal(before[k], after[k]) for k in before
+                                   if not k.endswith(("expert_bias", "local_tokens_per_expert")))
+        return loss, info
+
+    train_step.__wrapped__ = train_mod.Trainer.train_step
+    monkeypatch.setattr(train_mod, "forward_step", forward_step)
+    monkeypatch.setattr(train_mod.Trainer, "train_step", train_step)
+    cfg = compose(["experiment=tiny", "train.max_steps=8", "optim.max_skipped_steps=3"])
+    trainer = train_mod.Trainer(cfg, tmp_path / "a")
+    assert trainer.run() == 0
+    assert seen == [i in poisoned for i in range(8)] and trainer.skipped == 3
+    poisoned.update({7, 8, 9})
+    seen.clear()
+    cfg = compose(["experiment=tiny", "train.max_steps=12", "optim.max_skipped_steps=3"])
+    with pytest.raises(FloatingPointError, match="3 in a row, limit optim.max_skipped_steps=3"):
+        train_mod.Trainer(cfg, tmp_path / "b").run()
+
+
+# ---- the loop under data, expert and tensor parallelism (gloo, in spawned processes) -----------
+
+DP_STEPS = 6
+FIXED_BATCH = ["train.batch_start_tokens=512", "optim.muon.ns_dtype=fp32", f"train.max_steps={DP_STEPS}"]
+
+
+def _loop(rank, overrides, data_root, run_dir, as_two_replicas, state_path):
+    """DP_STEPS steps of the tiny experiment; returns (lm loss per step, this rank's expert biases).
+
+    as_two_replicas (one process only): feed each global batch as two data-parallel replicas would
+    see it, replica 0's micro-batches then replica 1's, so one process computes what two replicas
+    compute together; and save the initial weights at state_path, which the other layouts load
+    (Megatron initialises each rank's local experts from that rank's generator, so under expert
+    parallelism the initial experts differ from one process's)."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    os.environ["GLM_DATA_ROOT"] = data_root
+    from data.loader import TokenLoader
+    from model.sharding import gather_whole, load_whole_state
+    from pretrain import train as train_mod
+    from pretrain.config import compose
+    from pretrain.parallel import init_distributed, shutdown_distributed
+
+    cfg = compose(["experiment=tiny", *FIXED_BATCH, *overrides])
+    init_distributed(cfg.parallel)
+    try:
+        trainer = train_mod.Trainer(cfg, Path(run_dir))
+        if as_two_replicas:
+            torch.save(gather_whole(trainer.model), state_path)
+        else:
+            load_whole_state(trainer.model, torch.load(state_path))
+        if as_two_replicas:
+            enter = trainer.enter
+
+            def enter_as_two(stage):
+                enter(stage)
+                micro = cfg.train.micro_batch_size
+                its = [iter(TokenLoader(cfg.stage_data[stage.name], micro, rank=r, n_ranks=2,
+                                        model_vocab=cfg.model.vocab_size)) for r in range(2)]
+                per_replica = cfg.train.global_batch_tokens // cfg.stage_data[stage.name].seq_length // micro // 2
+
+                def batches():
+                    while True:
+                        for it in its:
+                            for _ in range(per_replica):
+                                yield next(it)
+                trainer.iterator = batches()
+
+            trainer.enter = enter_as_two
+        losses = {}
+        write = trainer.metrics.write
+        trainer.metrics.write = lambda s, step, tokens: (losses.__setitem__(step, s["lm loss"]), write(s, step, tokens))
+        trainer.run()
+        biases = {n: m.expert_bias.clone() for n, m in trainer.load.routers}
+        return losses, biases
+    finally:
+        shutdown_distributed()
+
+
+@pytest.fixture(scope="module")
+def two_replicas_in_one(data_root, tmp_path_factory):
+    from tests import spawn
+
+    d = tmp_path_factory.mktemp("one")
+    (result,) = spawn.run(_loop, 1, [], str(data_root), str(d / "run"), True, str(d / "state.pt"),
+                          out_dir=str(d / "out"))
+    return result, str(d / "state.pt")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("overrides", [[], ["parallel.expert=2"]], ids=["DP2", "EP2+DP2"])
+def test_data_parallel_loop_gives_the_single_process_losses_and_identical_biases(
+        two_replicas_in_one, data_root, tmp_path, overrides):
+    from tests import spawn
+
+    (want_losses, want_biases), state_path = two_replicas_in_one
+    results = spawn.run(_loop, 2, overrides, str(data_root), str(tmp_path / "run"), False, state_path,
+                        out_dir=str(tmp_path / "o"))
+    (losses0, biases0), (losses1, biases1) = results
+    assert losses0.keys() == want_losses.keys() and len(want_losses) == DP_STEPS
+    for step, want in want_losses.items():
+        assert losses0[step] == pytest.approx(want, rel=1e-5), step
+    # loss-free balance counts tokens over all replicas: every replica holds the same biases,
+    # and they are the single process's
+    assert biases0.keys() == biases1.keys() == want_biases.keys() and biases0
+    for name in biases0:
+        assert torch.equal(biases0[name], biases1[name]), name
+        torch.testing.assert_close(biases0[name], want_biases[name], rtol=0, atol=1e-6)
+    assert any(b.abs().max() > 0 for b in biases0.values())
+
+
+def test_a_save_that_dies_midway_leaves_latest_on_the_previous_checkpoint(world1, data_root, monkeypatch, tmp_path):
+    from megatron.core import dist_checkpointing
+
+    from pretrain.config import compose
+    from pretrain.train import Trainer
+
+    monkeypatch.setenv("GLM_DATA_ROOT", str(data_root))
+    cfg = compose(["experiment=tiny", "train.max_steps=2"])
+    first = Trainer(cfg, tmp_path)
+    assert first.run() == 0
+    ckpts = tmp_path / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step-00000002"
+
+    real_save = dist_checkpointing.save
+
+    def dies_after_writing(state, path, *args, **kwargs):
+        real_save(state, path, *args, **kwargs)  # the tensors are on disk ...
+        raise SystemExit("killed")  # ... but the process dies before the checkpoint is complete
+
+    monkeypatch.setattr(dist_checkpointing, "save", dies_after_writing)
+    first.step = 3
+    with pytest.raises(SystemExit):
+        first.save()
+    assert (ckpts / "latest").read_text().strip() == "step-00000002"
+    assert (ckpts / ".tmp-step-00000003").is_dir() and not (ckpts / "step-00000003").exists()
+    monkeypatch.setattr(dist_checkpointing, "save", real_save)
+
+    again = Trainer(compose(["experiment=tiny", "train.max_steps=3"]), tmp_path)
+    assert again.resume() and again.step == 2
+    assert again.run() == 0
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-00000002", "step-00000003"]
