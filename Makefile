@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 DATA   := outputs/data/embedded
 
-.PHONY: smoke test setup data clean
+.PHONY: smoke test setup data data-tiny clean
 
 RUN    := outputs/runs/smoke/$(shell date +%Y%m%d-%H%M%S)
 
@@ -26,6 +26,15 @@ $(DATA)/code/manifest.json: $(DATA)/general/manifest.json
 
 # The optimizer tests run a second time as the other kind of CPU (bf16 native <-> emulated; see
 # GLM_CPU_BF16 in optim/newton_schulz.py), so a machine of one kind catches what breaks on the other.
+# the tiny experiment's data: the embedded corpus with a 512-id tokenizer (the tiny model's vocabulary)
+data-tiny: outputs/data/tiny/general/manifest.json outputs/data/tiny/code/manifest.json
+
+outputs/data/tiny/general/manifest.json: | $(STAMP)
+	$(VENV)/bin/glm-data prepare embedded:general --vocab-size 512 -o outputs/data/tiny/general --overwrite
+
+outputs/data/tiny/code/manifest.json: outputs/data/tiny/general/manifest.json
+	$(VENV)/bin/glm-data prepare embedded:code --code -o outputs/data/tiny/code --tokenizer outputs/data/tiny/general/tokenizer.json --overwrite
+
 test: $(STAMP)  ## the whole CPU test suite (GPU tests skip themselves without CUDA)
 	$(PY) -m pytest -n 2 --dist loadgroup -q -rs tests
 	$(PY) -m pytest -n 2 --dist loadgroup -q -rs --cpu-bf16=other tests/test_optim.py tests/test_optim_parallel.py
