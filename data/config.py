@@ -38,6 +38,8 @@ class DataConfig:
     seed: int = 1234
     num_workers: int = 2  # dataloader worker processes per data-parallel rank (0: in the main process)
     on_error: str = "fail"  # fail | skip (bad samples and shards are logged, counted and reported)
+    # The last N shards of every source are held out: validation reads them, training never does.
+    holdout_shards: int = 0
 
     def validate(self, where: str = "data") -> "DataConfig":
         if not self.sources:
@@ -55,6 +57,8 @@ class DataConfig:
         for name in ("seq_length", "shuffle_window", "pack_window"):
             if getattr(self, name) < 1:
                 raise DataConfigError(f"{where}: data.{name}={getattr(self, name)} must be positive")
+        if self.holdout_shards < 0:
+            raise DataConfigError(f"{where}: data.holdout_shards={self.holdout_shards} must be >= 0")
         if self.num_workers < 0:
             raise DataConfigError(f"{where}: data.num_workers={self.num_workers} must be >= 0")
         return self

@@ -29,14 +29,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data import format as fmt
 from data.config import DataConfig
 from data.packing import BestFitPacker, ConcatPacker
-from data.stream import Dataset, ErrorPolicy, SlotStream, open_dataset
+from data.stream import Dataset, ErrorPolicy, SlotStream, held_out, open_dataset
 
 STATE_VERSION = 1
 
 
-def open_sources(cfg: DataConfig, model_vocab: int | None = None) -> list[Dataset]:
-    """Open every source's manifest and check they share one tokenizer that fits the model."""
-    datasets = [open_dataset(s.name, s.path, s.urls) for s in cfg.sources]
+def open_sources(cfg: DataConfig, model_vocab: int | None = None, part: str = "train") -> list[Dataset]:
+    """Open every source's manifest and check they share one tokenizer that fits the model; keep the
+    training or the validation part of each (`cfg.holdout_shards`)."""
+    datasets = [held_out(open_dataset(s.name, s.path, s.urls), cfg.holdout_shards, part) for s in cfg.sources]
     first = datasets[0]
     for ds in datasets[1:]:
         if ds.tokenizer_sha != first.tokenizer_sha:
@@ -140,15 +141,17 @@ class _Slots(IterableDataset):
 
 class TokenLoader:
     """Iterate for micro-batches of {tokens, labels, loss_mask, position_ids[, segment_ids]} (int64/float32,
-    shape [micro_batch, seq_length]); `state_dict()` after any batch resumes right after it."""
+    shape [micro_batch, seq_length]); `state_dict()` after any batch resumes right after it.
+    part="validation" reads only the held-out shards (cfg.holdout_shards), "train" all the others."""
 
     def __init__(self, cfg: DataConfig, micro_batch: int, rank: int = 0, n_ranks: int = 1,
-                 model_vocab: int | None = None, states: list[dict] | None = None, pin_memory: bool = False):
+                 model_vocab: int | None = None, states: list[dict] | None = None, pin_memory: bool = False,
+                 part: str = "train"):
         cfg.validate()
         self.cfg, self.micro_batch, self.rank, self.n_ranks = cfg, micro_batch, rank, n_ranks
         self.n_workers = max(1, cfg.num_workers)
         self.pin_memory = pin_memory
-        self.datasets = open_sources(cfg, model_vocab)
+        self.datasets = open_sources(cfg, model_vocab, part)
         self.layout = {"n_ranks": n_ranks, "workers": self.n_workers, "seed": cfg.seed,
                        "shuffle_window": cfg.shuffle_window}
         self.worker_states, self.next_worker = self._restore(states)

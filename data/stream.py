@@ -97,6 +97,22 @@ def open_dataset(name: str, path: str, urls: str | None = None) -> Dataset:
     return Dataset(name, manifest, shard_urls, manifest_url)
 
 
+def held_out(ds: Dataset, shards: int, part: str) -> Dataset:
+    """The training part (all but the last `shards` shards) or the validation part (those last
+    shards) of a dataset. The part's identity covers only its own shards, so a saved position is
+    refused when the hold-out changes."""
+    n = len(ds.urls)
+    if part not in ("train", "validation"):
+        raise ValueError(f"part={part!r}: expected train or validation")
+    if shards and shards >= n:
+        raise fmt.DataError(f"source '{ds.name}': holdout_shards={shards} leaves none of its {n} shards to train on")
+    if part == "validation" and not shards:
+        raise fmt.DataError(f"source '{ds.name}': no validation part (holdout_shards is 0)")
+    keep = slice(n - shards, n) if part == "validation" else slice(0, n - shards)
+    manifest = {**ds.manifest, "shards": ds.manifest["shards"][keep]}
+    return Dataset(ds.name, manifest, ds.urls[keep], ds.where)
+
+
 def slot_shards(ds: Dataset, seed: int, epoch: int, slot: int, n_slots: int, exclude=()) -> list[int]:
     """The shards (manifest indices) that `slot` of `n_slots` reads in `epoch`, in reading order."""
     order = rng_for(seed, ds.name, "shards", str(epoch)).permutation(len(ds.urls))

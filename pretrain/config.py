@@ -104,6 +104,9 @@ class Config:
             raise ConfigError(f"{where}: train.lr_min={t.lr_min} exceeds optim.lr={self.optim.lr}")
         if t.dtype not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"{where}: train.dtype={t.dtype!r} must be auto, bf16 or fp32")
+        if t.eval_every and not self.data.holdout_shards:
+            raise ConfigError(f"{where}: train.eval_every={t.eval_every} needs held-out data: set "
+                              "data.holdout_shards (the last N shards of every source, never trained on)")
         if self.run.exit_after_minutes < 0:
             raise ConfigError(f"{where}: run.exit_after_minutes={self.run.exit_after_minutes} must be >= 0")
         for name, st in self.stages.items():
@@ -179,13 +182,15 @@ def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None,
 
 def stage_data(stage: StageConfig, loader: DataConfig, config_dir: Path, where: str, name: str) -> DataConfig:
     """The stage's data: its configs/data member, with the stage's seq_length and packing, and the
-    loader settings (num_workers, on_error) of the `data` group, which apply to every stage."""
+    loader settings (num_workers, on_error, holdout_shards) of the `data` group, which apply to
+    every stage."""
     path = config_dir / "data" / f"{stage.data}.yaml"
     if not path.is_file():
         members = sorted(p.stem for p in (config_dir / "data").glob("*.yaml"))
         raise ConfigError(f"{where}: stages.{name}.data={stage.data!r}: no {path} (members: {', '.join(members)})")
     data = to_schema(DataConfig, OmegaConf.load(path), str(path), "data")
     data.num_workers, data.on_error = loader.num_workers, loader.on_error
+    data.holdout_shards = loader.holdout_shards
     if stage.seq_length is not None:
         data.seq_length = stage.seq_length
     if stage.packing is not None:

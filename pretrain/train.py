@@ -10,6 +10,7 @@ stages (pretrain/stages.py), schedules (pretrain/schedules.py), checkpoints
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -194,6 +195,32 @@ class Trainer:
         info = self.optimizer.step(lr)
         return _reduced_mean([x["lm loss"] for x in losses]), info
 
+    @torch.no_grad()
+    def validate(self, stage: stages_mod.Stage) -> dict:
+        """Loss on the stage's held-out shards: the same first `train.eval_batches` micro-batches
+        per data-parallel rank at every validation, so the curve compares like with like. Under
+        no_grad the routers count no tokens, so the expert-bias update sees training tokens only."""
+        import dataclasses
+
+        from data.loader import TokenLoader
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        t = self.cfg.train
+        data = dataclasses.replace(self.cfg.stage_data[stage.name], num_workers=0)
+        readers = min(self.dp, data.holdout_shards)  # replicas beyond the held-out shards repeat them
+        loader = TokenLoader(data, t.micro_batch_size, rank=self.dp_rank % readers, n_ranks=readers,
+                             model_vocab=self.cfg.model.vocab_size, part="validation")
+        self.model.eval()
+        try:
+            out = get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=iter(loader), model=self.ddp,
+                num_microbatches=t.eval_batches, seq_length=data.seq_length, micro_batch_size=t.micro_batch_size,
+                forward_only=True)
+        finally:
+            self.model.train()
+        loss = _reduced_mean([x["lm loss"] for x in out])
+        return {"lm loss validation": loss, "validation ppl": math.exp(min(loss, 50.0))}
+
     def run(self) -> int:
         from model.accounting import train_flops_per_token
 
@@ -241,6 +268,11 @@ class Trainer:
                     rate = (self.tokens - start_tokens) / max(time.monotonic() - started, 1e-9)
                     log.info(console_line(self.step, stage.name, s, max(0.0, stage.end_tokens - self.tokens) / rate,
                                           max(0.0, total - self.tokens) / rate))
+                if t.eval_every and self.step % t.eval_every == 0:
+                    v = self.validate(stage)
+                    self.metrics.write(v, self.step, self.tokens)
+                    log.info(f"step {self.step:>6} [{stage.name}] validation: lm loss {v['lm loss validation']:.4f}, "
+                             f"ppl {v['validation ppl']:.2f}")
                 if t.save_every and self.step % t.save_every == 0:
                     self.save()
                 if stop.should_stop():

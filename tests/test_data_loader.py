@@ -186,3 +186,18 @@ def test_pipe_urls_with_brace_expansion_read_the_same_tokens(root):
     piped.sources[0].urls = f"pipe:cat {a}/shard-{{000000..{n - 2:06d}}}.tar"
     with pytest.raises(DataError, match=f"expand to {n - 1} shards, but .* lists {n}"):
         TokenLoader(piped, 2)
+
+
+def test_held_out_shards_are_never_trained_on(root):
+    """holdout_shards=1: validation reads exactly the last shard of each source; training never does."""
+    from data.stream import open_dataset
+
+    cfg = config(root[0], {"a": 1.0}, seq_length=64, num_workers=0, holdout_shards=1)
+    ds = open_dataset("a", str(root[0] / "a"))
+    train, val = TokenLoader(cfg, 2), TokenLoader(cfg, 2, part="validation")
+    assert val.datasets[0].urls == ds.urls[-1:] and train.datasets[0].urls == ds.urls[:-1]
+    seen_train = set(docs_in(train.take(200)))
+    seen_val = set(docs_in(val.take(10)))
+    assert seen_val and seen_train and not seen_train & seen_val
+    with pytest.raises(DataError, match=r"source .a.: no validation part \(holdout_shards is 0\)"):
+        TokenLoader(config(root[0], {"a": 1.0}, seq_length=64, num_workers=0), 2, part="validation")

@@ -163,6 +163,11 @@ def test_tiny_run_trains_through_both_stages_and_logs_the_scalars(uninterrupted)
     # loss-free balance moves the biases in stage 0 (rate 1e-3) and leaves them in stage 1 (rate 0)
     std = s["moe/expert_bias_std_layer_1"]
     assert std[2] > 0 and std[11] > std[2] and std[TINY_STEPS] == std[12]
+    # validation on the held-out last shard of each source, every 10 steps
+    val = s["lm loss validation"]
+    assert sorted(val) == [10, 20] and val[20] < math.log(512)
+    assert s["validation ppl"][20] == pytest.approx(math.exp(val[20]), rel=1e-5)
+    assert "validation: lm loss" in out
     config = (run_dir / "config.yaml").read_text()
     assert "experiment: tiny" in config and (run_dir / "log.txt").is_file()
 
@@ -176,7 +181,8 @@ def test_sigterm_saves_and_exits_for_resume_then_the_run_continues_exactly(unint
     out = _run(data_root, run_dir)
     assert f"resumed from {run_dir / 'checkpoints' / latest}" in out
     want, got = scalars(ref_dir), scalars(run_dir)
-    for name in ("lm loss", "mtp_1 loss", "grad-norm", "params-norm", "moe/expert_bias_std_layer_1"):
+    for name in ("lm loss", "mtp_1 loss", "grad-norm", "params-norm", "moe/expert_bias_std_layer_1",
+                 "lm loss validation"):
         assert got[name] == want[name], name
     ref, resumed = final_model(ref_dir), final_model(run_dir)
     assert ref.keys() == resumed.keys() and ref
