@@ -230,6 +230,21 @@ def test_tensor_parallel_run_gives_the_single_process_losses(uninterrupted, data
         assert got[step] == pytest.approx(want[step], rel=1e-4, abs=1e-5), step
 
 
+@pytest.mark.distributed
+def test_checkpoint_from_tensor_parallel_resumes_in_one_process(uninterrupted, data_root, tmp_path):
+    """Saved under TP2 (2 processes) at step 9, continued by one process to the end: the same losses
+    as the uninterrupted single-process run (model, both optimizer sides, loader, counters)."""
+    ref_dir, _ = uninterrupted
+    run_dir = tmp_path / "run"
+    _run(data_root, run_dir, "parallel.tensor=2", "train.max_steps=9", nproc=2)
+    out = _run(data_root, run_dir)
+    assert "resumed from" in out and "step-00000009" in out
+    want, got = scalars(ref_dir)["lm loss"], scalars(run_dir)["lm loss"]
+    assert got.keys() == want.keys()
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-4, abs=1e-5), step
+
+
 def test_stage_switch_reaches_the_live_model_and_loader(world1, data_root, monkeypatch, tmp_path):
     """At a switch the RoPE frequencies (and Megatron's cached embeddings), MTP weight (the config
     and the MTP block's own copy), bias rate and the loader's sequence layout all change."""
