@@ -441,3 +441,20 @@ def test_a_save_that_dies_midway_leaves_latest_on_the_previous_checkpoint(world1
     assert again.resume() and again.step == 2
     assert again.run() == 0
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-00000002", "step-00000003"]
+
+
+@pytest.mark.distributed
+def test_tensor_and_expert_parallel_loop_gives_the_single_process_losses(two_replicas_in_one, data_root, tmp_path):
+    """TP2+EP2 on two processes (one data-parallel replica) against one process, both from the same
+    initial weights."""
+    from tests import spawn
+
+    _, state_path = two_replicas_in_one
+    (want, _), = spawn.run(_loop, 1, [], str(data_root), str(tmp_path / "one"), False, state_path,
+                           out_dir=str(tmp_path / "o1"))
+    results = spawn.run(_loop, 2, ["parallel.tensor=2", "parallel.expert=2"], str(data_root), str(tmp_path / "run"),
+                        False, state_path, out_dir=str(tmp_path / "o2"))
+    for rank, (losses, _) in enumerate(results):
+        assert losses.keys() == want.keys() and len(want) == DP_STEPS
+        for step in want:
+            assert losses[step] == pytest.approx(want[step], rel=1e-5), (rank, step)
