@@ -75,3 +75,20 @@ def test_data_stages_compose(stage, seq, packing):
     assert (data.seq_length, data.packing) == (seq, packing)
     assert abs(sum(data.weights()) - 1.0) < 1e-9
 
+
+
+def test_an_installed_package_finds_its_configs(tmp_path):
+    """Installed without -e (a wheel into site-packages), glm-pretrain still finds the config tree."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(root)], check=True, capture_output=True)
+    code = ("from pretrain.config import compose, CONFIG_DIR; c = compose(['experiment=glm45_air']); "
+            "print(CONFIG_DIR, c.model.num_experts, len(c.stages))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(target)},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == [str(target / "configs"), "128", "5"]
