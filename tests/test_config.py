@@ -83,10 +83,18 @@ def test_an_installed_package_finds_its_configs(tmp_path):
     import sys
     from pathlib import Path
 
+    import shutil
+
     root = Path(__file__).resolve().parents[1]
+    source = tmp_path / "source"  # a copy: building writes build/ beside the sources
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, source / name)
+    for package in ("model", "data", "optim", "pretrain", "configs"):
+        shutil.copytree(root / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(root)], check=True, capture_output=True)
+                    "--target", str(target), str(source)], check=True, capture_output=True)
     code = ("from pretrain.config import compose, CONFIG_DIR; c = compose(['experiment=glm45_air']); "
             "print(CONFIG_DIR, c.model.num_experts, len(c.stages))")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(target)},
