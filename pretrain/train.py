@@ -112,6 +112,12 @@ class Trainer:
         self.model.config.no_sync_func = self.ddp.no_sync
         self.model.config.finalize_model_grads_func = self.load.finalize
         self.optimizer = Optimizer(self.model, cfg.optim)
+        # Megatron keeps the aux-loss gradient scale as class state, created on first use with the
+        # shape of whatever set it; anything that ran a backward before in this process (another
+        # model, a test) must not decide it for the schedule, which sets a [1]-shaped scale.
+        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+        MoEAuxLossAutoScaler.main_loss_backward_scale = None
         self.stages = stages_mod.Stages(cfg)
         self.checkpoints = CheckpointManager(run_dir, cfg.train.keep_last)
         self.metrics = Metrics(run_dir, enabled=self.rank == 0)
