@@ -23,15 +23,15 @@ experiments (configs/experiment/):
 {experiments}
 
 main fields (any field of any group can be overridden with Hydra syntax):
-  model=glm45|glm45_air|smoke|tiny      model.num_layers=8 ...       (configs/model/)
+  model=glm45|glm45_air|single_gpu|smoke|tiny   model.num_layers=8 ...   (configs/model/)
   parallel.tensor / .expert / .expert_tensor / .pipeline / .context  (data parallel = the rest)
   optim=muon|adamw  optim.lr=2.5e-4  optim.weight_decay=0.1  optim.clip_grad=1.0
   train.micro_batch_size  train.global_batch_tokens  train.batch_start_tokens  train.batch_ramp_tokens
   train.lr_warmup_tokens  train.lr_min  train.dtype=auto|bf16|fp32  train.max_steps
-  train.log_every  train.save_every  train.keep_last
+  train.log_every  train.save_every  train.keep_last  train.eval_every  train.eval_batches
   stages.<name>.tokens / .data / .seq_length / .packing / .rope_theta / .expert_bias_update_rate
                 / .mtp_loss_weight / .recompute
-  data.num_workers  data.on_error=fail|skip     (loader settings, applied to every stage)
+  data.num_workers  data.on_error=fail|skip  data.holdout_shards   (loader settings, every stage)
   run.dir=outputs/runs/NAME  run.exit_after_minutes=0
 
 exit codes: 0 finished; 75 stopped early on SIGTERM / SIGUSR1 / run.exit_after_minutes with a
