@@ -98,10 +98,6 @@ class Metrics:
         if self.writer is not None:
             self.writer.add_text(tag, text, step)
 
-    def flush(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
