@@ -63,7 +63,8 @@ def main(argv=None) -> None:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         def bare_step():
-            trainer.ddp.zero_grad_buffer()
+            for d in trainer.ddp:
+                d.zero_grad_buffer()
             get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(batches),
                                         model=trainer.ddp, num_microbatches=n_micro, seq_length=seq,
                                         micro_batch_size=micro, forward_only=False)

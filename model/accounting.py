@@ -99,15 +99,19 @@ def stage_parameters_per_gpu(model: torch.nn.Module, cfg: ModelConfig, parallel,
     """Parameters held by one GPU of each pipeline stage under the given layout (weights only).
 
     `stage_of_layer(i)` gives the stage of decoder layer i. Embedding sits on the first stage;
-    final norm, output layer and MTP on the last (Megatron-Core's placement).
+    final norm, output layer and MTP on the last (Megatron-Core's placement), which also holds a
+    copy of the embedding for MTP.
     """
+    last = parallel.pipeline - 1
     per_stage = [0.0] * parallel.pipeline
     for name, p in model.named_parameters():
         m = _LAYER.match(name)
         if m:
-            stage = stage_of_layer(int(m.group(1)))
+            stages = [stage_of_layer(int(m.group(1)))]
+        elif name.startswith("embedding."):
+            stages = [0, last] if cfg.mtp_num_layers and last > 0 else [0]
         else:
-            stage = 0 if name.startswith("embedding.") else parallel.pipeline - 1
+            stages = [last]
         n = float(p.numel())
         if part_of(name) == "experts":
             n /= parallel.expert
@@ -115,23 +119,35 @@ def stage_parameters_per_gpu(model: torch.nn.Module, cfg: ModelConfig, parallel,
                 n /= parallel.expert_tensor
         elif getattr(p, "tensor_model_parallel", False):
             n /= parallel.tensor
-        per_stage[stage] += n
+        for stage in stages:
+            per_stage[stage] += n
     return per_stage
+
+
+def layer_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+    """Training FLOPs per token of each kind of part: a dense layer, an MoE layer, one MTP layer,
+    the output layer. `train_flops_per_token` is their sum; pipeline placement (model/pipeline.py)
+    weighs stages with them.
+
+    As in Megatron's accounting, each MTP layer adds an MoE MLP, its norms and eh_proj, and one
+    more output-logit GEMM, but not its attention; causal attention counts half the full square.
+    """
+    h, v = cfg.hidden_size, cfg.vocab_size
+    q = cfg.num_attention_heads * cfg.head_dim
+    kv = cfg.num_query_groups * cfg.head_dim
+    attention = h * (q + 2 * kv) + q * h + q * seq_len
+    moe_mlp = 3 * h * (cfg.moe_router_topk + cfg.num_shared_experts) * cfg.moe_ffn_hidden_size
+    return {"dense": 6.0 * (3 * h * cfg.ffn_hidden_size + attention),
+            "moe": 6.0 * (moe_mlp + attention),
+            "mtp": 6.0 * (moe_mlp + 3 * h + 2 * h * h + h * v),
+            "output": 6.0 * h * v}
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training (forward + backward) FLOPs per token, Megatron-Core's formula.
 
-    As in Megatron's accounting, each MTP layer adds an MoE MLP, its norms and eh_proj, and one
-    more output-logit GEMM, but not its attention; causal attention counts half the full square.
     Reproduces 230.7 GFLOP (GLM-4.5) and 95.4 GFLOP (GLM-4.5-Air) per token at sequence 4096.
     """
-    h, v, mtp = cfg.hidden_size, cfg.vocab_size, cfg.mtp_num_layers
-    q = cfg.num_attention_heads * cfg.head_dim
-    kv = cfg.num_query_groups * cfg.head_dim
-    moe_layers = cfg.num_moe_layers + mtp
-    mlp = cfg.first_k_dense * 3 * cfg.ffn_hidden_size + moe_layers * 3 * (
-        cfg.moe_router_topk * cfg.moe_ffn_hidden_size + cfg.num_shared_experts * cfg.moe_ffn_hidden_size)
-    attention = cfg.num_layers * (h * (q + 2 * kv) + q * h)
-    per_token = h * mlp + attention + mtp * (3 * h + 2 * h * h) + h * v * (1 + mtp)
-    return 6.0 * per_token + 6.0 * cfg.num_layers * q * seq_len
+    f = layer_flops_per_token(cfg, seq_len)
+    return (cfg.first_k_dense * f["dense"] + cfg.num_moe_layers * f["moe"] + cfg.mtp_num_layers * f["mtp"]
+            + f["output"])

@@ -27,7 +27,10 @@ def resolve_impl(impl: str) -> bool:
 
 def transformer_config(m: ModelConfig, p: ParallelConfig, *, dtype: torch.dtype = torch.float32,
                        use_te: bool = False, initialize: bool = True) -> TransformerConfig:
+    from model import pipeline
+
     cuda = torch.cuda.is_available()
+    first, last = pipeline.split(m, p)
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -67,6 +70,15 @@ def transformer_config(m: ModelConfig, p: ParallelConfig, *, dtype: torch.dtype 
         expert_model_parallel_size=p.expert,
         expert_tensor_parallel_size=p.expert_tensor,
         pipeline_model_parallel_size=p.pipeline,
+        virtual_pipeline_model_parallel_size=p.virtual_stages if p.virtual_stages > 1 else None,
+        num_layers_in_first_pipeline_stage=first,
+        num_layers_in_last_pipeline_stage=last,
+        # The interleaved schedule posts sends to both neighbours at once; with two stages both are
+        # the same rank, and batched p2p (one stream per peer, matched in order) can pair an
+        # activation with a gradient. Megatron-LM's defaults for it: unbatched p2p, which sends
+        # the two directions over different process groups, overlapped with compute.
+        batch_p2p_comm=p.virtual_stages == 1,
+        overlap_p2p_comm=p.virtual_stages > 1,
         context_parallel_size=p.context,
         sequence_parallel=p.sequence_parallel and p.tensor > 1,
         params_dtype=dtype,
@@ -84,27 +96,36 @@ def transformer_config(m: ModelConfig, p: ParallelConfig, *, dtype: torch.dtype 
     )
 
 
-def stage_layer_ids(config: TransformerConfig, pp_rank: int) -> list[int]:
-    """Global (0-based) ids of the decoder layers that pipeline stage `pp_rank` holds."""
-    offset = get_transformer_layer_offset(config, pp_rank=pp_rank)
-    return list(range(offset, offset + get_num_layers_to_build(config, pp_rank=pp_rank)))
+def stage_layer_ids(config: TransformerConfig, pp_rank: int, vp_stage: int | None = None) -> list[int]:
+    """Global (0-based) ids of the decoder layers that pipeline stage `pp_rank` (model chunk
+    `vp_stage` of it, under virtual stages) holds."""
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return list(range(offset, offset + get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)))
 
 
-def stage_plan(m: ModelConfig, p: ParallelConfig, pp_rank: int) -> dict:
-    """What pipeline stage `pp_rank` holds: decoder layers (global ids), embedding, output head, MTP.
+def stage_plan(m: ModelConfig, p: ParallelConfig, pp_rank: int, vp_stage: int | None = None) -> dict:
+    """What pipeline stage `pp_rank` (its model chunk `vp_stage`) holds: decoder layers (global
+    ids), embedding, output head, MTP.
 
-    Megatron-Core's placement: embedding on the first stage; final norm, output layer and MTP
-    on the last (MTP shares the embedding, which Megatron keeps in sync across the two stages).
+    Megatron-Core's placement: embedding on the first chunk of the first stage; final norm,
+    output layer and MTP on the last chunk of the last stage (MTP reads the embedding, which
+    Megatron duplicates there and keeps in sync with the first stage's).
     """
     config = transformer_config(m, p, initialize=False)
-    last = pp_rank == p.pipeline - 1
-    return dict(layers=stage_layer_ids(config, pp_rank), embedding=pp_rank == 0, output=last,
-                mtp=bool(m.mtp_num_layers) and last)
+    if p.virtual_stages > 1 and vp_stage is None:
+        raise ValueError("vp_stage must be given with parallel.virtual_stages > 1")
+    first_chunk = vp_stage is None or vp_stage == 0
+    last_chunk = vp_stage is None or vp_stage == p.virtual_stages - 1
+    last = pp_rank == p.pipeline - 1 and last_chunk
+    return dict(layers=stage_layer_ids(config, pp_rank, vp_stage if p.virtual_stages > 1 else None),
+                embedding=pp_rank == 0 and first_chunk, output=last, mtp=bool(m.mtp_num_layers) and last)
 
 
 def build_model(m: ModelConfig, p: ParallelConfig | None = None, *, dtype: torch.dtype = torch.float32,
-                impl: str = "auto", meta: bool = False, pp_rank: int | None = None) -> GPTModel:
-    """Build this rank's part of the model. Megatron's process groups must exist (init_distributed).
+                impl: str = "auto", meta: bool = False, pp_rank: int | None = None,
+                vp_stage: int | None = None) -> GPTModel:
+    """Build this rank's part of the model (with virtual stages, model chunk `vp_stage` of it).
+    Megatron's process groups must exist (init_distributed).
 
     meta=True builds on the meta device: shapes and counts, no memory, no initialisation.
     """
@@ -116,7 +137,7 @@ def build_model(m: ModelConfig, p: ParallelConfig | None = None, *, dtype: torch
     config = transformer_config(m, p, dtype=dtype, use_te=use_te, initialize=not meta)
     if pp_rank is None:
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    plan = stage_plan(m, p, pp_rank)
+    plan = stage_plan(m, p, pp_rank, vp_stage)
     block, moe_layer, backend = decoder_specs(config, use_te, m.first_k_dense, plan["layers"])
     mtp = mtp_block_spec(config, moe_layer, backend) if plan["mtp"] else None
     device = torch.device("meta") if meta else contextlib.nullcontext()
@@ -133,11 +154,20 @@ def build_model(m: ModelConfig, p: ParallelConfig | None = None, *, dtype: torch
             rotary_percent=m.partial_rotary_factor,
             rotary_base=m.rope_theta,
             mtp_block_spec=mtp,
+            vp_stage=vp_stage,
         )
     _mark_expert_parameters(model)
     if torch.cuda.is_available() and not meta:
         model.cuda(torch.cuda.current_device())
     return model
+
+
+def build_chunks(m: ModelConfig, p: ParallelConfig, *, dtype: torch.dtype = torch.float32,
+                 impl: str = "auto") -> list[GPTModel]:
+    """This rank's model chunks: one, or `parallel.virtual_stages` under the interleaved schedule."""
+    if p.virtual_stages == 1:
+        return [build_model(m, p, dtype=dtype, impl=impl)]
+    return [build_model(m, p, dtype=dtype, impl=impl, vp_stage=v) for v in range(p.virtual_stages)]
 
 
 def _mark_expert_parameters(model: GPTModel) -> None:

@@ -9,6 +9,7 @@ two side by side; `model/hf_mapping.py` converts between them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from omegaconf import MISSING
 
@@ -99,6 +100,13 @@ class ParallelConfig:
     expert: int = 1
     expert_tensor: int = 1  # tensor parallelism inside each expert; 1 keeps experts whole
     pipeline: int = 1
+    # Model chunks per pipeline rank (Megatron's virtual pipeline stages, the interleaved
+    # schedule); 1 = one chunk, the 1F1B schedule.
+    virtual_stages: int = 1
+    # Decoder layers on the first and last pipeline stages; unset = chosen by model/pipeline.py so
+    # that the stage holding the output layer and MTP is not the slowest.
+    first_stage_layers: Optional[int] = None
+    last_stage_layers: Optional[int] = None
     context: int = 1
     # Megatron-Core requires sequence parallelism for MoE with tensor > 1; it is on by default and
     # only takes effect when tensor > 1.
@@ -112,7 +120,7 @@ class ParallelConfig:
         def fail(field: str, why: str):
             raise ConfigError(f"{source}: parallel.{field}={getattr(self, field)!r} {why}")
 
-        for f in ("tensor", "expert", "expert_tensor", "pipeline", "context"):
+        for f in ("tensor", "expert", "expert_tensor", "pipeline", "virtual_stages", "context"):
             if getattr(self, f) < 1:
                 fail(f, "must be at least 1")
         tp = self.tensor
@@ -123,11 +131,13 @@ class ParallelConfig:
             ("tensor", model.vocab_size, "model.vocab_size"),
             ("expert", model.num_experts, "model.num_experts"),
             ("expert_tensor", model.moe_ffn_hidden_size, "model.moe_ffn_hidden_size"),
-            ("pipeline", model.num_layers, "model.num_layers"),
         ]
         for field, total, name in checks:
             if total % getattr(self, field):
                 fail(field, f"does not divide {name}={total}")
+        from model import pipeline
+
+        pipeline.split(model, self, source)  # raises if the layers cannot be placed
         if tp > 1 and model.num_experts and not self.sequence_parallel:
             fail("sequence_parallel", "must be true with tensor > 1: Megatron-Core requires it for MoE")
         if world_size is not None:

@@ -52,6 +52,21 @@ def _name_missing_te_gemm() -> None:
         moe_utils.te_general_gemm = None
 
 
+def _keep_on_cpu(setup):
+    """`setup` run with `Tensor.cuda()` returning the tensor itself."""
+
+    def wrapped(*args, **kwargs):
+        cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda self, *a, **k: self
+        try:
+            return setup(*args, **kwargs)
+        finally:
+            torch.Tensor.cuda = cuda
+
+    wrapped.__wrapped__ = setup
+    return wrapped
+
+
 def install() -> bool:
     """Patch Megatron-Core for CPU execution if CUDA is absent. Idempotent. Returns True if active."""
     global _installed
@@ -88,6 +103,13 @@ def install() -> bool:
     from megatron.core.pipeline_parallel import schedules
 
     schedules.torch = _TorchAllocatingOnCpu()
+
+    # Under pipeline parallelism the last stage holds a copy of the word embedding for MTP, and
+    # `LanguageModule.setup_embeddings_and_output_layer` (run at model construction) moves it with
+    # `weight.data.cuda()` before the all-reduce that makes it equal to the first stage's.
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    LanguageModule.setup_embeddings_and_output_layer = _keep_on_cpu(LanguageModule.setup_embeddings_and_output_layer)
 
     _installed = True
     return True

@@ -47,7 +47,8 @@ def whole_name(local: str, model) -> str:
         local = pattern.sub(repl, local)
     m = _DECODER_LAYER.match(local)
     if m:
-        offset = get_transformer_layer_offset(model.config)
+        vp_stage = getattr(model, "vp_stage", None) if model.config.virtual_pipeline_model_parallel_size else None
+        offset = get_transformer_layer_offset(model.config, vp_stage=vp_stage)
         local = f"decoder.layers.{int(m.group(1)) + offset}." + local[m.end():]
     m = _LOCAL_EXPERT.search(local)
     if m:
@@ -100,9 +101,19 @@ def _local_items(model):
             yield name, t
 
 
+def chunks_of(model) -> list:
+    """A model chunk, or a list of them (virtual pipeline stages), as a list."""
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
 @torch.no_grad()
 def load_whole_state(model, whole: Mapping[str, torch.Tensor]) -> None:
-    """Copy a whole-model state dict into this rank's parameters and buffers."""
+    """Copy a whole-model state dict into this rank's parameters and buffers (`model`: a chunk or
+    a list of chunks)."""
+    if isinstance(model, (list, tuple)):
+        for chunk in model:
+            load_whole_state(chunk, whole)
+        return
     missing = []
     for name, t in _local_items(model):
         key = whole_name(name, model)
@@ -124,7 +135,10 @@ def gather_whole(model, value: Callable[[torch.Tensor], torch.Tensor | None] = l
 
     `value(param)` picks what to gather: the tensor itself by default, or e.g. its gradient.
     Tensors for which it returns None are left out (a parameter without gradient).
+    `model`: a chunk or a list of chunks (virtual pipeline stages).
     """
+    if isinstance(model, (list, tuple)):
+        return {k: v for chunk in model for k, v in gather_whole(chunk, value).items()}
     out = {}
     ep_size = ps.get_expert_model_parallel_world_size()
     for name, t in _local_items(model):

@@ -45,6 +45,10 @@ def sharded_state_dict(optimizer) -> dict:
         # A dense weight every tensor-parallel rank holds whole (a norm, the router) is the same
         # on all of them: tensor-parallel rank 0 writes it.
         replica = tp_rank if (role.tp_dim is None and not role.expert) else 0
+        if getattr(role.param, "shared", False):
+            # the word embedding Megatron duplicates on the last pipeline stage for MTP: the same
+            # state as the first stage's, which writes it
+            replica = 1 + replica
         for state_name, t in optimizer.state[role.name].items():
             for suffix, piece, split in _pieces(role, t):
                 key = f"{_PREFIX}.{state_name}.{role.name}{suffix}"

@@ -55,9 +55,11 @@ def _rank(group) -> int:
 
 class Optimizer:
     def __init__(self, model, cfg: OptimConfig):
+        """`model`: this rank's model chunk, or its list of chunks (virtual pipeline stages)."""
         self.cfg = cfg.validate()
         self.model = model
-        self.roles = roles_mod.assign(model, muon=cfg.name == "muon", qkv_split=cfg.muon.qkv_split)
+        self.roles = [r for chunk in sharding.chunks_of(model)
+                      for r in roles_mod.assign(chunk, muon=cfg.name == "muon", qkv_split=cfg.muon.qkv_split)]
         self.coefficients = cfg.coefficients()
         device = self.roles[0].param.device if self.roles else torch.device("cpu")
         self.ns_dtype = newton_schulz.resolve_dtype(cfg.muon.ns_dtype, device)
@@ -135,9 +137,12 @@ class Optimizer:
 
     def _global_norm(self, grads: list[torch.Tensor]) -> float:
         """L2 norm of the whole model's gradient: each owned gradient once; a dense parameter that
-        every tensor-parallel rank holds whole (norms, router) only from tensor-parallel rank 0."""
+        every tensor-parallel rank holds whole (norms, router) only from tensor-parallel rank 0;
+        the word embedding that Megatron duplicates on the last pipeline stage for MTP (marked
+        `shared`) only from the first stage."""
         tp_rank = ps.get_tensor_model_parallel_rank() if dist.is_initialized() else 0
-        counted = [g for r, g in zip(self.mine, grads) if r.expert or r.tp_dim is not None or tp_rank == 0]
+        counted = [g for r, g in zip(self.mine, grads) if (r.expert or r.tp_dim is not None or tp_rank == 0)
+                   and not getattr(r.param, "shared", False)]
         norms = [n.double() for n in torch._foreach_norm([g.float() for g in counted])] if counted else []
         # A single fp32 sum of squares overflows from a norm of ~1.8e19; redo those in fp64.
         norms = [torch.linalg.vector_norm(g.double()) if not torch.isfinite(n) and torch.isfinite(g).all() else n

@@ -64,6 +64,20 @@ def set_rng_state(state: dict) -> None:
         get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _model_keys(chunks: list) -> list[str]:
+    # Megatron-LM's convention: "model", or "model0", "model1", ... for virtual pipeline stages.
+    # Tensors are found by their sharded keys (global layer ids), so either loads the other.
+    return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+
+
+def _model_state(chunks: list) -> dict:
+    from megatron.core import parallel_state as ps
+
+    # the data-parallel group: for the last pipeline stage's copy of the word embedding (MTP)
+    metadata = {"dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True)}
+    return {key: chunk.sharded_state_dict(metadata=metadata) for key, chunk in zip(_model_keys(chunks), chunks)}
+
+
 class CheckpointManager:
     def __init__(self, run_dir: str | Path, keep_last: int = 3):
         self.dir = Path(run_dir) / "checkpoints"
@@ -79,7 +93,7 @@ class CheckpointManager:
             raise FileNotFoundError(f"{pointer} names {path.name}, which is not a complete checkpoint")
         return path
 
-    def save(self, step: int, model, optimizer, common: dict, per_rank: dict, meta: dict) -> Path:
+    def save(self, step: int, chunks: list, optimizer, common: dict, per_rank: dict, meta: dict) -> Path:
         """Save on every rank (collective). `common`: plain data, the same on every rank;
         `per_rank`: this rank's plain data (loader state, RNG), gathered to rank 0."""
         from megatron.core import dist_checkpointing
@@ -94,7 +108,7 @@ class CheckpointManager:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         _barrier()
-        state = {"model": model.sharded_state_dict(), **optim_checkpoint.sharded_state_dict(optimizer),
+        state = {**_model_state(chunks), **optim_checkpoint.sharded_state_dict(optimizer),
                  "trainer": common, "ranks": ranks}
         dist_checkpointing.save(state, str(tmp))
         _barrier()
@@ -120,16 +134,17 @@ class CheckpointManager:
             if old.name != keep:
                 shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, path: Path, model, optimizer) -> tuple[dict, dict]:
+    def load(self, path: Path, chunks: list, optimizer) -> tuple[dict, dict]:
         """Load model and optimizer in place; return (trainer's common state, this rank's own
         per-rank state, or every rank's under `all` when the world size changed)."""
         from megatron.core import dist_checkpointing
 
         from optim import checkpoint as optim_checkpoint
 
-        state = {"model": model.sharded_state_dict(), **optim_checkpoint.sharded_state_dict(optimizer)}
+        state = {**_model_state(chunks), **optim_checkpoint.sharded_state_dict(optimizer)}
         loaded = dist_checkpointing.load(state, str(path))
-        model.load_state_dict(loaded["model"])
+        for key, chunk in zip(_model_keys(chunks), chunks):
+            chunk.load_state_dict(loaded[key])
         optim_checkpoint.load_sharded_state_dict(optimizer, loaded)
         ranks = loaded["ranks"]
         world = dist.get_world_size() if dist.is_initialized() else 1

@@ -15,6 +15,8 @@ HELP_EPILOG = """\
 overrides use Hydra syntax, e.g.:
   glm-model-info model=glm45
   glm-model-info model=glm45_air parallel.tensor=2 parallel.expert=8 parallel.pipeline=4
+  glm-model-info experiment=glm45            (its production layout: pipeline 8, uneven stages)
+  glm-model-info experiment=glm45_air parallel.virtual_stages=2
   glm-model-info model=smoke model.num_layers=24 --seq-len 8192
 
 The default "total" follows the Hugging Face model (decoder + embedding/output, no MTP layer) and
@@ -38,12 +40,53 @@ def _human(n: float) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
+def _ranges(ids: list[int]) -> str:
+    """[0, 1, 2, 5, 6] -> "0-2, 5-6"."""
+    out, start = [], None
+    for i, x in enumerate(ids):
+        start = x if start is None else start
+        if i + 1 == len(ids) or ids[i + 1] != x + 1:
+            out.append(f"{start}-{x}" if x != start else str(x))
+            start = None
+    return ", ".join(out)
+
+
+def placement(m, p, model) -> list[str]:
+    """Per pipeline stage: the decoder layers the model builds there (per model chunk under
+    virtual stages), what else it holds, its share of the compute and its weights per GPU."""
+    from model import pipeline
+    from model.accounting import stage_parameters_per_gpu
+    from model.build import stage_plan
+
+    chunks = p.virtual_stages
+    plans = [[stage_plan(m, p, r, v if chunks > 1 else None) for v in range(chunks)] for r in range(p.pipeline)]
+    stage = {i: r for r, plan in enumerate(plans) for c in plan for i in c["layers"]}
+    per_gpu = stage_parameters_per_gpu(model, m, p, stage.__getitem__)
+    first, last = pipeline.split(m, p)
+    how = "even split" if first is None else f"first stage {first} layers, last {last}" + \
+        (" (given)" if p.first_stage_layers is not None or p.last_stage_layers is not None else " (chosen)")
+    lines = [f"layout tensor={p.tensor} expert={p.expert} expert_tensor={p.expert_tensor} pipeline={p.pipeline}"
+             + (f" x {chunks} virtual stages" if chunks > 1 else "") + f": {how}"]
+    costs = pipeline.stage_costs(m, p.pipeline, first or m.num_layers // p.pipeline,
+                                 last or m.num_layers // p.pipeline) if p.pipeline > 1 else [1.0]
+    for r, plan in enumerate(plans):
+        layers = [i for c in plan for i in c["layers"]]
+        dense = sum(i < m.first_k_dense for i in layers)
+        extra = (["embedding"] if plan[0]["embedding"] else []) + \
+            (["output", f"MTP x{m.mtp_num_layers}"] if plan[-1]["output"] and m.mtp_num_layers else
+             ["output"] if plan[-1]["output"] else [])
+        where = " | ".join(_ranges(c["layers"]) for c in plan) if chunks > 1 else _ranges(layers)
+        share = f", compute {costs[r] / max(costs):.2f} of the slowest" if chunks == 1 and p.pipeline > 1 else ""
+        lines.append(f"  stage {r}: layers {where} ({len(layers)}, {dense} dense)"
+                     f"{' + ' + ', '.join(extra) if extra else ''}{share}: "
+                     f"{_human(per_gpu[r])} = {2 * per_gpu[r] / 2**30:.1f} GiB bf16 weights per GPU")
+    return lines
+
+
 def report(cfg, seq_len: int, optimizer: bool = False) -> str:
     """Build cfg.model on the meta device and return the printed report."""
-    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-
-    from model.accounting import count_parameters, stage_parameters_per_gpu, train_flops_per_token
-    from model.build import build_model, transformer_config
+    from model.accounting import count_parameters, train_flops_per_token
+    from model.build import build_model
     from pretrain.parallel import ParallelConfig, single_process
 
     m, p = cfg.model, cfg.parallel
@@ -76,21 +119,7 @@ def report(cfg, seq_len: int, optimizer: bool = False) -> str:
               f"active per token:  {_human(counts.default_active)}",
               f"training FLOPs per token at seq {seq_len}: {train_flops_per_token(m, seq_len) / 1e9:.1f} GFLOP"]
     if p.pipeline > 1 or p.tensor > 1 or p.expert > 1:
-        config = transformer_config(m, p, initialize=False)
-        offsets = [get_transformer_layer_offset(config, pp_rank=r) for r in range(p.pipeline)]
-
-        def stage_of(layer: int) -> int:
-            return max(r for r, o in enumerate(offsets) if o <= layer)
-
-        per_gpu = stage_parameters_per_gpu(model, m, p, stage_of)
-        lines += ["", f"layout tensor={p.tensor} expert={p.expert} expert_tensor={p.expert_tensor} "
-                      f"pipeline={p.pipeline}: parameters per GPU (bf16 weights)"]
-        for r, n in enumerate(per_gpu):
-            layers = [i for i in range(m.num_layers) if stage_of(i) == r]
-            dense = sum(i < m.first_k_dense for i in layers)
-            extra = (["embedding"] if r == 0 else []) + (["output", "MTP"] if r == p.pipeline - 1 else [])
-            lines.append(f"  stage {r}: layers {layers[0]}-{layers[-1]} ({dense} dense)"
-                         f"{' + ' + ', '.join(extra) if extra else ''}: {_human(n)} = {2 * n / 2**30:.1f} GiB")
+        lines += ["", *placement(m, p, model)]
     if optimizer:
         lines += ["", f"optimizer {cfg.optim.name}: what each parameter gets", optimizer_table]
     return "\n".join(lines)

@@ -55,7 +55,7 @@ def moe_layer_scalars(counts: torch.Tensor, biases: list[torch.Tensor], layer_id
     return out
 
 
-def params_norm(model) -> float:
+def params_norm(chunks) -> float:
     """L2 norm of the whole model's parameters, each counted once across all ranks (the same
     rule as the optimizer's gradient norm). One reduction, one device-to-host copy."""
     from megatron.core import parallel_state as ps
@@ -64,12 +64,15 @@ def params_norm(model) -> float:
     dp_rank = ps.get_data_parallel_rank()
     edp_rank = ps.get_expert_data_parallel_rank()
     mine = []
-    for p in model.parameters():
-        expert = not getattr(p, "allreduce", True)
-        sharded = getattr(p, "tensor_model_parallel", False)
-        if (edp_rank if expert else dp_rank) == 0 and (expert or sharded or tp_rank == 0):
-            mine.append(p.detach())
-    device = next(model.parameters()).device
+    for chunk in chunks:
+        for p in chunk.parameters():
+            expert = not getattr(p, "allreduce", True)
+            sharded = getattr(p, "tensor_model_parallel", False)
+            if getattr(p, "shared", False):  # the last stage's copy of the word embedding (MTP)
+                continue
+            if (edp_rank if expert else dp_rank) == 0 and (expert or sharded or tp_rank == 0):
+                mine.append(p.detach())
+    device = next(chunks[0].parameters()).device
     sq = (torch.stack(torch._foreach_norm(mine, dtype=torch.float32)).double().square().sum() if mine
           else torch.zeros((), dtype=torch.float64, device=device))
     if dist.is_initialized() and dist.get_world_size() > 1:

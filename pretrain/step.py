@@ -38,3 +38,34 @@ def forward_step(data_iterator, model):
         return loss, {"lm loss": loss.detach().clone()}
 
     return losses, loss_func
+
+
+class _Tee:
+    """Model chunk `k`'s view of a shared stream of micro-batches (see `per_chunk`)."""
+
+    def __init__(self, source, buffer: dict, positions: list, k: int):
+        self.source, self.buffer, self.positions, self.k = source, buffer, positions, k
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        i = self.positions[self.k]
+        if i not in self.buffer:
+            self.buffer[i] = next(self.source)
+        self.positions[self.k] = i + 1
+        batch = self.buffer[i]
+        if all(p > i for p in self.positions):  # every chunk has read it
+            del self.buffer[i]
+        return batch
+
+
+def per_chunk(iterator, chunks: int):
+    """The data iterator for Megatron's schedules: the iterator itself for one model chunk; for
+    virtual pipeline stages one iterator per chunk, each giving the same micro-batches in order
+    (every chunk's forward step reads micro-batch i: the first for tokens, the last for labels
+    and MTP, all of them for masks), read once from the loader and held until all have read it."""
+    if chunks == 1:
+        return iterator
+    buffer, positions = {}, [0] * chunks
+    return [_Tee(iterator, buffer, positions, k) for k in range(chunks)]

@@ -22,7 +22,7 @@ from pretrain.checkpoint import CheckpointManager, rng_state, set_rng_state
 from pretrain.config import Config
 from pretrain.faults import EXIT_DONE, EXIT_RESUME, StopFlag
 from pretrain.metrics import Metrics, console_line, moe_layer_scalars, params_norm, peak_flops
-from pretrain.step import forward_step
+from pretrain.step import forward_step, per_chunk
 
 log = logging.getLogger("pretrain")
 
@@ -37,9 +37,13 @@ class ExpertLoad:
     """Tokens per expert of each MoE layer in the last step, read before `finalize_model_grads`
     (which consumes and zeroes Megatron's counters for the expert-bias update)."""
 
-    def __init__(self, model):
-        self.routers = [(name, m) for name, m in model.named_modules() if hasattr(m, "expert_bias")
-                        and getattr(m, "local_tokens_per_expert", None) is not None]
+    def __init__(self, chunks):
+        from model.sharding import whole_name
+
+        # (whole-model name: global layer ids, router) of every MoE layer of this rank's chunks
+        self.routers = [(whole_name(name + ".expert_bias", chunk)[:-len(".expert_bias")], m)
+                        for chunk in chunks for name, m in chunk.named_modules()
+                        if hasattr(m, "expert_bias") and getattr(m, "local_tokens_per_expert", None) is not None]
         self.counts: list[torch.Tensor] = []
 
     def finalize(self, *args, **kwargs):
@@ -49,6 +53,7 @@ class ExpertLoad:
         return finalize_model_grads(*args, **kwargs)
 
     def scalars(self) -> dict:
+        """This pipeline stage's MoE layers (every layer once the stages are merged)."""
         from megatron.core import parallel_state as ps
 
         if not self.counts:
@@ -56,16 +61,20 @@ class ExpertLoad:
         counts = torch.stack(self.counts)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(counts, group=ps.get_tensor_and_data_parallel_group(with_context_parallel=True))
-        ids = [int(name.split("layers.")[1].split(".")[0]) if "decoder.layers." in name else f"mtp{k}"
-               for k, (name, _) in enumerate(self.routers)]
+        ids = [int(name.split("layers.")[1].split(".")[0]) if name.startswith("decoder.layers.") else
+               f"mtp{name.split('layers.')[1].split('.')[0]}" for name, _ in self.routers]
         return moe_layer_scalars(counts, [m.expert_bias for _, m in self.routers], ids)
 
 
-def _reduced_mean(values: list[torch.Tensor]) -> float:
-    """Mean of the micro-batch losses over micro-batches and data-parallel ranks."""
+def _reduced_mean(values: list[torch.Tensor], device: torch.device) -> float:
+    """Mean of the micro-batch losses over micro-batches and data-parallel ranks. Under pipeline
+    parallelism only the last stage has them: every stage gets its value."""
     from megatron.core import parallel_state as ps
 
-    total = torch.stack([v.float() for v in values]).mean()
+    total = torch.stack([v.float() for v in values]).mean() if values else torch.zeros((), device=device)
+    if dist.is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
+        total = total.clone()
+        dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())  # the other stages add 0
     if dist.is_initialized() and ps.get_data_parallel_world_size(with_context_parallel=True) > 1:
         total = total.clone()
         dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
@@ -73,12 +82,19 @@ def _reduced_mean(values: list[torch.Tensor]) -> float:
     return float(total)
 
 
-def _aux_scalars(model_cfg, n_micro: int) -> dict:
+def _aux_scalars(model_cfg, n_micro: int, device: torch.device) -> dict:
     """Megatron's trackers: the sequence-level balance loss per MoE layer, and MTP losses."""
-    from megatron.core.transformer.moe.moe_utils import track_moe_metrics
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker, track_moe_metrics
     from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
     out: dict = {}
+    if model_cfg.num_experts and ps.get_pipeline_model_parallel_world_size() > 1:
+        # The tracker sums its values over the pipeline stages; a stage with only dense layers
+        # has no entry and would leave the others waiting in that all-reduce.
+        get_moe_layer_wise_logging_tracker().setdefault("seq_load_balancing_loss", {
+            "values": torch.zeros(model_cfg.num_layers + model_cfg.mtp_num_layers, device=device),
+            "reduce_group": None, "avg_group": None, "reduce_group_has_dp": False})
     if model_cfg.num_experts:
         track_moe_metrics(loss_scale=1.0 / n_micro, iteration=0, writer=None, total_loss_dict=out,
                           num_layers=model_cfg.num_layers,
@@ -97,7 +113,7 @@ class Trainer:
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-        from model.build import build_model
+        from model.build import build_chunks
         from optim.optimizer import Optimizer
 
         self.cfg, self.run_dir = cfg, run_dir
@@ -105,13 +121,15 @@ class Trainer:
         self.dp = ps.get_data_parallel_world_size(with_context_parallel=True)
         self.dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
         self.dtype = model_dtype(cfg.train.dtype)
-        self.model = build_model(cfg.model, cfg.parallel, dtype=self.dtype)
-        self.ddp = DistributedDataParallel(self.model.config, DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False), self.model)
-        self.load = ExpertLoad(self.model)
-        self.model.config.no_sync_func = self.ddp.no_sync
-        self.model.config.finalize_model_grads_func = self.load.finalize
-        self.optimizer = Optimizer(self.model, cfg.optim)
+        # this rank's model chunks: one, or one per virtual pipeline stage (interleaved schedule)
+        self.chunks = build_chunks(cfg.model, cfg.parallel, dtype=self.dtype)
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False)
+        self.ddp = [DistributedDataParallel(c.config, ddp_config, c) for c in self.chunks]
+        self.load = ExpertLoad(self.chunks)
+        config = self.chunks[0].config  # shared by the chunks
+        config.no_sync_func = [d.no_sync for d in self.ddp] if len(self.ddp) > 1 else self.ddp[0].no_sync
+        config.finalize_model_grads_func = self.load.finalize
+        self.optimizer = Optimizer(self.chunks, cfg.optim)
         # Megatron keeps the aux-loss gradient scale as class state, created on first use with the
         # shape of whatever set it; anything that ran a backward before in this process (another
         # model, a test) must not decide it for the schedule, which sets a [1]-shaped scale.
@@ -121,7 +139,7 @@ class Trainer:
         self.stages = stages_mod.Stages(cfg)
         self.checkpoints = CheckpointManager(run_dir, cfg.train.keep_last)
         self.metrics = Metrics(run_dir, enabled=self.rank == 0)
-        self.device = next(self.model.parameters()).device
+        self.device = next(self.chunks[0].parameters()).device
         self.peak, self.peak_source = peak_flops(self.device, self.dtype)
         # trainer state: all of it is saved in a checkpoint
         self.step = 0
@@ -139,7 +157,7 @@ class Trainer:
         path = self.checkpoints.latest()
         if path is None:
             return False
-        common, ranks = self.checkpoints.load(path, self.model, self.optimizer)
+        common, ranks = self.checkpoints.load(path, self.chunks, self.optimizer)
         self.step, self.tokens, self.samples = common["step"], common["tokens"], common["samples"]
         self.skipped, self.stage_name = common["skipped"], common["stage"]
         # one loader state per data-parallel rank (tensor/expert-parallel peers share theirs)
@@ -159,7 +177,7 @@ class Trainer:
                     "dp_rank": self.dp_rank, "rng": rng_state()}
         meta = {**common, "next_stage": stage.name if stage else None, "world_size": dist.get_world_size(),
                 "parallel": vars(self.cfg.parallel), "experiment": self.cfg.experiment}
-        path = self.checkpoints.save(self.step, self.model, self.optimizer, common, per_rank, meta)
+        path = self.checkpoints.save(self.step, self.chunks, self.optimizer, common, per_rank, meta)
         self.saved_step = self.step
         log.info(f"saved {path}")
         return path
@@ -177,9 +195,10 @@ class Trainer:
         self.loader = TokenLoader(data, self.cfg.train.micro_batch_size, rank=self.dp_rank, n_ranks=self.dp,
                                   model_vocab=self.cfg.model.vocab_size, states=self.loader_states,
                                   pin_memory=self.device.type == "cuda")
-        self.iterator = iter(self.loader)
+        self.iterator = per_chunk(iter(self.loader), len(self.chunks))
         values = stages_mod.settings(self.stages, stage, self.cfg.model)
-        stages_mod.apply(values, self.model)
+        for chunk in self.chunks:
+            stages_mod.apply(values, chunk)
         switched = self.stage_name and self.stage_name != stage.name
         self.stage_name = stage.name
         self.seq_length = data.seq_length
@@ -193,13 +212,14 @@ class Trainer:
     def train_step(self, n_micro: int, lr: float):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        self.ddp.zero_grad_buffer()
+        for d in self.ddp:
+            d.zero_grad_buffer()
         losses = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=self.iterator, model=self.ddp,
             num_microbatches=n_micro, seq_length=self.seq_length,
             micro_batch_size=self.cfg.train.micro_batch_size, forward_only=False)
         info = self.optimizer.step(lr)
-        return _reduced_mean([x["lm loss"] for x in losses]), info
+        return _reduced_mean([x["lm loss"] for x in losses], self.device), info
 
     @torch.no_grad()
     def validate(self, stage: stages_mod.Stage) -> dict:
@@ -216,15 +236,17 @@ class Trainer:
         readers = min(self.dp, data.holdout_shards)  # replicas beyond the held-out shards repeat them
         loader = TokenLoader(data, t.micro_batch_size, rank=self.dp_rank % readers, n_ranks=readers,
                              model_vocab=self.cfg.model.vocab_size, part="validation")
-        self.model.eval()
+        for d in self.ddp:
+            d.eval()
         try:
             out = get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=iter(loader), model=self.ddp,
-                num_microbatches=t.eval_batches, seq_length=data.seq_length, micro_batch_size=t.micro_batch_size,
-                forward_only=True)
+                forward_step_func=forward_step, data_iterator=per_chunk(iter(loader), len(self.chunks)),
+                model=self.ddp, num_microbatches=t.eval_batches, seq_length=data.seq_length,
+                micro_batch_size=t.micro_batch_size, forward_only=True)
         finally:
-            self.model.train()
-        loss = _reduced_mean([x["lm loss"] for x in out])
+            for d in self.ddp:
+                d.train()
+        loss = _reduced_mean([x["lm loss"] for x in out], self.device)
         return {"lm loss validation": loss, "validation ppl": math.exp(min(loss, 50.0))}
 
     def run(self) -> int:
@@ -260,9 +282,10 @@ class Trainer:
                 if self.step % t.log_every == 0:
                     flops = train_flops_per_token(cfg.model, self.seq_length) * batch_tokens
                     world = dist.get_world_size()
-                    s = {"lm loss": loss, **_aux_scalars(cfg.model, seqs // granule), **self.load.scalars(),
+                    s = {"lm loss": loss, **_over_stages({**_aux_scalars(cfg.model, seqs // granule, self.device),
+                                                          **self.load.scalars()}),
                          "learning-rate": lr, "batch-size": seqs, "grad-norm": info.grad_norm,
-                         "params-norm": params_norm(self.model), "iteration-time": elapsed,
+                         "params-norm": params_norm(self.chunks), "iteration-time": elapsed,
                          "throughput": flops / elapsed / world / 1e12,
                          "tokens-per-second": batch_tokens / elapsed, "consumed-tokens": self.tokens,
                          "stage": stage.index, "skipped-iterations": self.skipped,
@@ -290,6 +313,19 @@ class Trainer:
             self.metrics.close()
 
 
+def _over_stages(scalars: dict) -> dict:
+    """Scalars that each pipeline stage knows part of (its MoE layers; the MTP losses live on the
+    last stage), merged in stage order so the last stage's values win."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return scalars
+    group = ps.get_pipeline_model_parallel_group()
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, scalars, group=group)
+    return {k: v for stage in out for k, v in stage.items()}
+
+
 def _all_gather_dp(obj) -> list:
     """`obj` of every data-parallel rank, in data-parallel rank order."""
     from megatron.core import parallel_state as ps
@@ -301,19 +337,33 @@ def _all_gather_dp(obj) -> list:
 
 
 def preflight(cfg: Config) -> None:
-    """What can be checked before any process group starts, beyond the config's own validation:
-    context parallelism needs Transformer Engine's attention; every stage's sources open
-    (manifests only): missing data, mixed tokenizers, or a tokenizer with more ids than the
-    model's vocabulary fail here, named."""
+    """What can be checked before any process group starts: the layout against the launch's world
+    size; enough micro-batches for the interleaved schedule; context parallelism needs Transformer
+    Engine's attention; every stage's sources open (manifests only): missing data, mixed
+    tokenizers, or a tokenizer with more ids than the model's vocabulary fail here, named."""
+    import os
+
     from data import format as fmt
     from data.loader import open_sources
     from model.config import ConfigError
     from model.spec import have_transformer_engine
+    from pretrain.parallel import slurm_environment
 
-    if cfg.parallel.pipeline > 1:
-        raise ConfigError(f"{cfg.sources.get('parallel', 'parallel')}: parallel.pipeline={cfg.parallel.pipeline}: "
-                          "the training loop does not run pipeline parallelism yet; use parallel.pipeline=1 "
-                          "(glm-model-info shows pipeline layouts)")
+    world = int(os.environ.get("WORLD_SIZE") or slurm_environment().get("WORLD_SIZE") or 1)
+    cfg.validate(world_size=world)
+    p, t = cfg.parallel, cfg.train
+    if p.virtual_stages > 1:
+        # the interleaved schedule runs micro-batches in groups of `pipeline`: it needs that many
+        seq = max(d.seq_length for d in cfg.stage_data.values())
+        granule = t.micro_batch_size * p.data(world)
+        fewest = schedules.batch_sequences(0, t.batch_start_tokens, t.global_batch_tokens, t.batch_ramp_tokens,
+                                           seq, granule) // granule
+        if fewest < p.pipeline:
+            raise ConfigError(
+                f"{cfg.sources.get('experiment', 'experiment')}: train.batch_start_tokens={t.batch_start_tokens} "
+                f"gives {fewest} micro-batch(es) per data-parallel replica at sequence length {seq}; the "
+                f"interleaved schedule (parallel.virtual_stages={p.virtual_stages}) needs at least "
+                f"parallel.pipeline={p.pipeline}")
     if cfg.parallel.context > 1 and not have_transformer_engine():
         raise ConfigError(f"{cfg.sources.get('parallel', 'parallel')}: parallel.context={cfg.parallel.context} "
                           "needs Transformer Engine (Megatron-Core's context-parallel attention is TE's); "

@@ -75,7 +75,9 @@ def test_model_info_prints_labelled_conventions(world1, capsys):
     assert "total parameters:  106.85B" in out and "active per token:  12.18B" in out
     assert "decoder + MTP + embedding/output [everything trained]" in out
     assert "training FLOPs per token at seq 4096: 95.4 GFLOP" in out
-    assert "stage 0: layers 0-22 (1 dense) + embedding" in out and "stage 1: layers 23-45 (0 dense) + output, MTP" in out
+    assert "pipeline=2: first stage 25 layers, last 21 (chosen)" in out
+    assert "stage 0: layers 0-24 (25, 1 dense) + embedding, compute 0.98 of the slowest" in out
+    assert "stage 1: layers 25-45 (21, 0 dense) + output, MTP x1, compute 1.00 of the slowest" in out
 
 
 def test_model_info_rejects_bad_layout(capsys):
@@ -85,7 +87,8 @@ def test_model_info_rejects_bad_layout(capsys):
 
 def test_pipeline_stages_put_dense_layers_first_and_mtp_last(world1):
     m = compose(["model=glm45"]).model
-    plans = [stage_plan(m, ParallelConfig(pipeline=4), r) for r in range(4)]
+    plans = [stage_plan(m, ParallelConfig(pipeline=4, first_stage_layers=23, last_stage_layers=23), r)
+             for r in range(4)]
     assert [len(s["layers"]) for s in plans] == [23] * 4
     assert sum((s["layers"] for s in plans), []) == list(range(92))
     assert all(i in plans[0]["layers"] for i in range(m.first_k_dense))

@@ -71,3 +71,18 @@ def test_model_trains_without_an_explicit_mask(world1):
     ids = torch.randint(0, 256, (2, 16))
     model(ids, positions(ids), None, labels=ids).mean().backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "experts" not in n)
+
+
+def test_embedding_setup_moves_nothing_to_cuda():
+    """Under pipeline parallelism the last stage's copy of the word embedding (for MTP) is moved
+    with `.cuda()` at construction; on CPU that must leave it where it is, and only there."""
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    cpu_support.install()
+    assert hasattr(LanguageModule.setup_embeddings_and_output_layer, "__wrapped__")
+    original = torch.Tensor.cuda
+    seen = []
+    cpu_support._keep_on_cpu(lambda t: seen.append(t.cuda()))(t := torch.ones(2))
+    assert seen[0] is t and torch.Tensor.cuda is original
+    with pytest.raises((AssertionError, RuntimeError)):  # outside it, .cuda() still fails without CUDA
+        torch.ones(2).cuda()

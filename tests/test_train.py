@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -259,15 +260,15 @@ def test_stage_switch_reaches_the_live_model_and_loader(world1, data_root, monke
     trainer = Trainer(cfg, tmp_path)
     first, second = trainer.stages.list
     trainer.enter(first)
-    rope = next(m for m in trainer.model.modules() if isinstance(m, RotaryEmbedding))
+    rope = next(m for m in trainer.chunks[0].modules() if isinstance(m, RotaryEmbedding))
     before = rope(64).clone()
-    live = stages_mod.live_values(trainer.model)
+    live = stages_mod.live_values(trainer.chunks[0])
     assert live.pop("recompute") == "none" and not any(live.pop("checkpoint_core_attention"))
     assert live == pytest.approx({"rope_theta": 1e4, "expert_bias_update_rate": 1e-3, "mtp_loss_weight": 0.3,
                                   "mtp_block_loss_weight": 0.3}, rel=1e-5)
     assert "segment_ids" not in next(trainer.iterator)
     trainer.enter(second)
-    live = stages_mod.live_values(trainer.model)
+    live = stages_mod.live_values(trainer.chunks[0])
     assert live.pop("recompute") == "selective" and all(live.pop("checkpoint_core_attention"))
     assert live == pytest.approx({"rope_theta": 1e6, "expert_bias_update_rate": 0.0, "mtp_loss_weight": 0.1,
                                   "mtp_block_loss_weight": 0.1}, rel=1e-5)
@@ -296,10 +297,10 @@ def test_non_finite_losses_skip_steps_then_stop_the_run(world1, data_root, monke
         return (losses * float("nan") if step in poisoned else losses), loss_func
 
     def train_step(self, n_micro, lr):
-        before = {k: v.clone() for k, v in gather_whole(self.model).items()}
+        before = {k: v.clone() for k, v in gather_whole(self.chunks).items()}
         loss, info = type(self).train_step.__wrapped__(self, n_micro, lr)
         seen.append(info.skipped)
-        after = gather_whole(self.model)
+        after = gather_whole(self.chunks)
         assert lr == 0 or info.skipped == all(torch.equal(before[k], after[k]) for k in before
                                    if not k.endswith(("expert_bias", "local_tokens_per_expert")))
         return loss, info
@@ -321,17 +322,22 @@ def test_non_finite_losses_skip_steps_then_stop_the_run(world1, data_root, monke
 # ---- the loop under data, expert and tensor parallelism (gloo, in spawned processes) -----------
 
 DP_STEPS = 6
-FIXED_BATCH = ["train.batch_start_tokens=512", "optim.muon.ns_dtype=fp32", f"train.max_steps={DP_STEPS}"]
+# a fixed batch of 4 micro-batches per replica; clipping on at every step (gradient norms ~1.1-1.6),
+# so a norm that counts a parameter twice or misses one changes the update
+FIXED_BATCH = ["train.batch_start_tokens=512", "optim.muon.ns_dtype=fp32", f"train.max_steps={DP_STEPS}",
+               "optim.clip_grad=0.5"]
 
 
-def _loop(rank, overrides, data_root, run_dir, as_two_replicas, state_path):
-    """DP_STEPS steps of the tiny experiment; returns (lm loss per step, this rank's expert biases).
+def _loop(rank, overrides, data_root, run_dir, state_path, save_state, as_two_replicas):
+    """DP_STEPS steps of the tiny experiment; returns (the scalars of each step, this rank's expert
+    biases, this rank's final parameters by whole-model name).
 
+    save_state (one process only): save the initial weights at state_path; otherwise load them from
+    there (Megatron initialises each rank's experts, and each pipeline stage's layers, from that
+    rank's generator, so other layouts start from other weights).
     as_two_replicas (one process only): feed each global batch as two data-parallel replicas would
     see it, replica 0's micro-batches then replica 1's, so one process computes what two replicas
-    compute together; and save the initial weights at state_path, which the other layouts load
-    (Megatron initialises each rank's local experts from that rank's generator, so under expert
-    parallelism the initial experts differ from one process's)."""
+    compute together."""
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -346,10 +352,10 @@ def _loop(rank, overrides, data_root, run_dir, as_two_replicas, state_path):
     init_distributed(cfg.parallel)
     try:
         trainer = train_mod.Trainer(cfg, Path(run_dir))
-        if as_two_replicas:
-            torch.save(gather_whole(trainer.model), state_path)
+        if save_state:
+            torch.save(gather_whole(trainer.chunks), state_path)
         else:
-            load_whole_state(trainer.model, torch.load(state_path))
+            load_whole_state(trainer.chunks, torch.load(state_path))
         if as_two_replicas:
             enter = trainer.enter
 
@@ -368,14 +374,18 @@ def _loop(rank, overrides, data_root, run_dir, as_two_replicas, state_path):
                 trainer.iterator = batches()
 
             trainer.enter = enter_as_two
-        losses = {}
+        steps = {}
         write = trainer.metrics.write
-        trainer.metrics.write = lambda s, step, tokens: (losses.__setitem__(step, s["lm loss"]), write(s, step, tokens))
+        trainer.metrics.write = lambda s, step, tokens: (steps.__setitem__(step, dict(s)), write(s, step, tokens))
         trainer.run()
         biases = {n: m.expert_bias.clone() for n, m in trainer.load.routers}
-        return losses, biases
+        return steps, biases, gather_whole(trainer.chunks)
     finally:
         shutdown_distributed()
+
+
+def _losses(steps: dict) -> dict:
+    return {step: s["lm loss"] for step, s in steps.items()}
 
 
 @pytest.fixture(scope="module")
@@ -383,9 +393,21 @@ def two_replicas_in_one(data_root, tmp_path_factory):
     from tests import spawn
 
     d = tmp_path_factory.mktemp("one")
-    (result,) = spawn.run(_loop, 1, [], str(data_root), str(d / "run"), True, str(d / "state.pt"),
+    (result,) = spawn.run(_loop, 1, [], str(data_root), str(d / "run"), str(d / "state.pt"), True, True,
                           out_dir=str(d / "out"))
     return result, str(d / "state.pt")
+
+
+@pytest.fixture(scope="module")
+def one_replica(two_replicas_in_one, data_root, tmp_path_factory):
+    """One process from the same initial weights, each batch as one replica sees it."""
+    from tests import spawn
+
+    _, state_path = two_replicas_in_one
+    d = tmp_path_factory.mktemp("one_replica")
+    (result,) = spawn.run(_loop, 1, [], str(data_root), str(d / "run"), state_path, False, False,
+                          out_dir=str(d / "out"))
+    return result, state_path
 
 
 @pytest.mark.distributed
@@ -394,10 +416,12 @@ def test_data_parallel_loop_gives_the_single_process_losses_and_identical_biases
         two_replicas_in_one, data_root, tmp_path, overrides):
     from tests import spawn
 
-    (want_losses, want_biases), state_path = two_replicas_in_one
-    results = spawn.run(_loop, 2, overrides, str(data_root), str(tmp_path / "run"), False, state_path,
+    (want_steps, want_biases, _), state_path = two_replicas_in_one
+    want_losses = _losses(want_steps)
+    results = spawn.run(_loop, 2, overrides, str(data_root), str(tmp_path / "run"), state_path, False, False,
                         out_dir=str(tmp_path / "o"))
-    (losses0, biases0), (losses1, biases1) = results
+    (steps0, biases0, _), (steps1, biases1, _) = results
+    losses0 = _losses(steps0)
     assert losses0.keys() == want_losses.keys() and len(want_losses) == DP_STEPS
     for step, want in want_losses.items():
         assert losses0[step] == pytest.approx(want, rel=1e-5), step
@@ -444,17 +468,134 @@ def test_a_save_that_dies_midway_leaves_latest_on_the_previous_checkpoint(world1
 
 
 @pytest.mark.distributed
-def test_tensor_and_expert_parallel_loop_gives_the_single_process_losses(two_replicas_in_one, data_root, tmp_path):
+def test_tensor_and_expert_parallel_loop_gives_the_single_process_losses(one_replica, data_root, tmp_path):
     """TP2+EP2 on two processes (one data-parallel replica) against one process, both from the same
     initial weights."""
     from tests import spawn
 
-    _, state_path = two_replicas_in_one
-    (want, _), = spawn.run(_loop, 1, [], str(data_root), str(tmp_path / "one"), False, state_path,
-                           out_dir=str(tmp_path / "o1"))
+    (want_steps, _, _), state_path = one_replica
+    want = _losses(want_steps)
     results = spawn.run(_loop, 2, ["parallel.tensor=2", "parallel.expert=2"], str(data_root), str(tmp_path / "run"),
-                        False, state_path, out_dir=str(tmp_path / "o2"))
-    for rank, (losses, _) in enumerate(results):
+                        state_path, False, False, out_dir=str(tmp_path / "o2"))
+    for rank, (steps, _, _) in enumerate(results):
+        losses = _losses(steps)
         assert losses.keys() == want.keys() and len(want) == DP_STEPS
         for step in want:
             assert losses[step] == pytest.approx(want[step], rel=1e-5), (rank, step)
+
+
+# ---- the loop under pipeline parallelism (gloo, in spawned processes) ---------------------------
+
+def _by_rank(results) -> tuple[dict, dict]:
+    """(the scalars rank 0 writes, every stage's final parameters merged by whole-model name)."""
+    params = {}
+    for _, _, p in results:
+        params.update(p)
+    return results[0][0], params
+
+
+def _assert_same_run(got_steps, got_params, want_steps, want_params, rel=1e-5):
+    assert got_steps.keys() == want_steps.keys() and len(want_steps) == DP_STEPS
+    for step, want in want_steps.items():
+        names = ["lm loss", "mtp_1 loss", "grad-norm", "params-norm", "seq_load_balancing_loss"] + \
+            [k for k in want if k.startswith("moe/")]
+        for name in names:
+            assert got_steps[step][name] == pytest.approx(want[name], rel=rel, abs=1e-6), (step, name)
+    assert got_params.keys() == want_params.keys()
+    for name, want in want_params.items():
+        torch.testing.assert_close(got_params[name], want, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout", [["parallel.pipeline=2"], ["parallel.pipeline=2", "parallel.tensor=2"]],
+                         ids=["PP2", "PP2+TP2"])
+def test_pipeline_parallel_loop_gives_the_single_process_run(one_replica, data_root, tmp_path, layout):
+    """Two pipeline stages (the tiny model's 3 layers placed 2 + 1, the output layer and MTP on
+    the last stage, the word embedding on both): the losses, the MTP loss, the gradient and
+    parameter norms (the duplicated embedding counted once), the per-layer expert load and the
+    final parameters of one process; with TP2 as well on four processes."""
+    from tests import spawn
+
+    (want_steps, _, want_params), state_path = one_replica
+    world = 2 * (2 if "parallel.tensor=2" in layout else 1)
+    results = spawn.run(_loop, world, layout, str(data_root), str(tmp_path / "run"), state_path, False, False,
+                        out_dir=str(tmp_path / "o"))
+    _assert_same_run(*_by_rank(results), want_steps, want_params)
+
+
+@pytest.mark.distributed
+def test_pipeline_and_expert_parallel_loop_gives_the_two_replica_run(two_replicas_in_one, data_root, tmp_path):
+    """PP2 + EP2 on four processes, two data-parallel replicas: one process fed both replicas'
+    micro-batches; the expert biases too (loss-free balance counts every replica's tokens)."""
+    from tests import spawn
+
+    (want_steps, want_biases, want_params), state_path = two_replicas_in_one
+    results = spawn.run(_loop, 4, ["parallel.pipeline=2", "parallel.expert=2"], str(data_root),
+                        str(tmp_path / "run"), state_path, False, False, out_dir=str(tmp_path / "o"))
+    _assert_same_run(*_by_rank(results), want_steps, want_params)
+    biases = {}
+    for _, b, _ in results:
+        biases.update(b)
+    assert biases.keys() == want_biases.keys()
+    for name in biases:
+        torch.testing.assert_close(biases[name], want_biases[name], rtol=0, atol=1e-6)
+
+
+@pytest.mark.distributed
+def test_virtual_pipeline_stages_give_the_single_process_run(data_root, tmp_path):
+    """PP2 with two virtual stages (the interleaved schedule): four layers in four model chunks,
+    one each, the embedding in the first chunk of stage 0, output and MTP in the last of stage 1."""
+    from tests import spawn
+
+    four = ["model.num_layers=4"]
+    state = str(tmp_path / "state.pt")
+    (want_steps, _, want_params), = spawn.run(_loop, 1, four, str(data_root), str(tmp_path / "one"), state, True,
+                                              False, out_dir=str(tmp_path / "o1"))
+    results = spawn.run(_loop, 2, [*four, "parallel.pipeline=2", "parallel.virtual_stages=2"], str(data_root),
+                        str(tmp_path / "run"), state, False, False, out_dir=str(tmp_path / "o2"))
+    _assert_same_run(*_by_rank(results), want_steps, want_params)
+
+
+@pytest.mark.distributed
+def test_checkpoints_move_between_pipeline_layouts(uninterrupted, data_root, tmp_path):
+    """One process to step 9, two pipeline stages to step 18, one process to the end: the
+    uninterrupted run's losses and TensorBoard scalars, the pipeline part logged like the rest."""
+    ref_dir, _ = uninterrupted
+    run_dir = tmp_path / "run"
+    _run(data_root, run_dir, "train.max_steps=9")
+    out = _run(data_root, run_dir, "parallel.pipeline=2", "train.max_steps=18", nproc=2)
+    assert "resumed from" in out and "step-00000009" in out
+    # the console shows the last stage's losses from rank 0, as without pipelining
+    console = re.findall(r"step     10 \[general\] loss (\d\.\d{4}) mtp (\d\.\d{3}) lr", out)
+    ref = scalars(ref_dir)
+    assert len(console) == 1, out[-2000:]  # one line: rank 0's
+    assert float(console[0][0]) == pytest.approx(ref["lm loss"][10], abs=1e-4)
+    assert float(console[0][1]) == pytest.approx(ref["mtp_1 loss"][10], abs=1e-3)
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-00000018"
+    out = _run(data_root, run_dir)
+    assert "step-00000018" in out and f"done: step {TINY_STEPS}," in out
+    want, got = scalars(ref_dir), scalars(run_dir)
+    assert got.keys() == want.keys()
+    for name in want:  # every scalar at every step, the pipeline's steps 10-18 included
+        assert got[name].keys() == want[name].keys(), name
+    for name in ("lm loss", "mtp_1 loss", "grad-norm", "params-norm", "lm loss validation",
+                 "moe/expert_bias_std_layer_2", "moe/max_over_mean_tokens_per_expert_layer_1"):
+        for step in want[name]:
+            assert got[name][step] == pytest.approx(want[name][step], rel=1e-4, abs=1e-6), (name, step)
+
+
+def test_launch_world_size_and_interleaved_micro_batches_are_checked_before_starting(data_root, monkeypatch):
+    from model.config import ConfigError
+    from pretrain.config import compose
+    from pretrain.train import preflight
+
+    monkeypatch.setenv("GLM_DATA_ROOT", str(data_root))
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match=r"world size 3 is not divisible by tensor\*pipeline\*context=2"):
+        preflight(compose(["experiment=tiny", "parallel.pipeline=2"]))
+    monkeypatch.setenv("WORLD_SIZE", "4")  # two replicas of two stages: 256 tokens = 2 micro-batches of 2 x 64
+    vp = ["experiment=tiny", "model.num_layers=4", "parallel.pipeline=2", "parallel.virtual_stages=2"]
+    preflight(compose([*vp, "train.batch_start_tokens=512"]))
+    with pytest.raises(ConfigError, match=r"experiment/tiny.yaml: train.batch_start_tokens=256 gives 1 micro-batch"
+                                          r".*needs at least parallel.pipeline=2"):
+        preflight(compose([*vp, "train.batch_start_tokens=256"]))
