@@ -1,6 +1,7 @@
 """Run a function in N fresh gloo processes (a world of N on this machine) and collect results."""
 
 import os
+import time
 import traceback
 
 import torch
@@ -21,14 +22,25 @@ def _entry(rank, world, port, out_dir, fn, args):
     torch.save({"result": result}, os.path.join(out_dir, f"{rank}.pt"))
 
 
-def run(fn, world: int, *args, out_dir: str):
-    """fn(rank, *args) on `world` processes; returns the list of per-rank results."""
+def run(fn, world: int, *args, out_dir: str, timeout: float = 600):
+    """fn(rank, *args) on `world` processes; returns the list of per-rank results. A world that
+    has not finished after `timeout` seconds (a collective some rank never joins) is killed and
+    reported, never left to hang the suite."""
     os.makedirs(out_dir, exist_ok=True)
+    context = mp.start_processes(_entry, args=(world, free_port(), out_dir, fn, args), nprocs=world,
+                                 join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
     try:
-        mp.start_processes(_entry, args=(world, free_port(), out_dir, fn, args), nprocs=world,
-                           join=True, start_method="spawn")
+        while not context.join(timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{fn.__name__} on {world} processes did not finish in {timeout} s "
+                                     "(a hang: some rank waits in a collective the others never reach)")
     except mp.ProcessRaisedException:
         pass  # the worker's own traceback is reported below
+    finally:
+        for p in context.processes:
+            if p.is_alive():
+                p.kill()
     results = []
     for r in range(world):
         got = torch.load(os.path.join(out_dir, f"{r}.pt"), weights_only=False)

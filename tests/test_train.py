@@ -507,13 +507,15 @@ def _assert_same_run(got_steps, got_params, want_steps, want_params, rel=1e-5):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("layout", [["parallel.pipeline=2"], ["parallel.pipeline=2", "parallel.tensor=2"]],
-                         ids=["PP2", "PP2+TP2"])
+@pytest.mark.parametrize("layout", [["parallel.pipeline=2"], ["parallel.pipeline=2", "parallel.first_stage_layers=1"],
+                                    ["parallel.pipeline=2", "parallel.tensor=2"]],
+                         ids=["PP2", "PP2-dense-first-stage", "PP2+TP2"])
 def test_pipeline_parallel_loop_gives_the_single_process_run(one_replica, data_root, tmp_path, layout):
     """Two pipeline stages (the tiny model's 3 layers placed 2 + 1, the output layer and MTP on
     the last stage, the word embedding on both): the losses, the MTP loss, the gradient and
     parameter norms (the duplicated embedding counted once), the per-layer expert load and the
-    final parameters of one process; with TP2 as well on four processes."""
+    final parameters of one process; with the first stage holding only the dense layer (no MoE
+    layer, so no entry of its own in Megatron's balance-loss tracker); with TP2 on four processes."""
     from tests import spawn
 
     (want_steps, _, want_params), state_path = one_replica
