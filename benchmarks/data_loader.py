@@ -28,14 +28,14 @@ from data import format as fmt  # noqa: E402
 from data.config import DataConfig, SourceConfig  # noqa: E402
 from data.loader import TokenLoader  # noqa: E402
 from data.prepare import Options, ShardWriter, prepare  # noqa: E402
-from data.stream import ErrorPolicy, decoded_shard, open_dataset  # noqa: E402
+from data.stream import decoded_shard, open_dataset  # noqa: E402
 
 
 def corpus_documents(work: Path) -> tuple[list[np.ndarray], dict]:
     m = prepare(Options(["embedded:code"], str(work / "code"), code=True, workers=os.cpu_count() or 1), progress=False)
     ds, docs = open_dataset("code", str(work / "code")), []
     for i in range(len(ds.urls)):
-        for _, tokens, meta in decoded_shard(ds, i, ErrorPolicy()):
+        for _, tokens, meta in decoded_shard(ds, i):
             docs.extend(fmt.split_documents(tokens, meta))
     return docs, m["tokenizer"]
 

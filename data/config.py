@@ -37,7 +37,10 @@ class DataConfig:
     pack_window: int = 64  # best_fit: sequences' worth of documents packed together
     seed: int = 1234
     num_workers: int = 2  # dataloader worker processes per data-parallel rank (0: in the main process)
-    on_error: str = "fail"  # fail | skip (bad samples and shards are logged, counted and reported)
+    on_error: str = "fail"  # fail | skip (a bad shard is skipped whole, logged, counted and reported)
+    # skip: the run stops when a source's skipped share of the samples a reader has read passes
+    # this (judged after 1,000 samples or a whole pass over the reader's shards)
+    max_skip_fraction: float = 0.01
     # The last N shards of every source are held out: validation reads them, training never does.
     holdout_shards: int = 0
 
@@ -57,6 +60,8 @@ class DataConfig:
         for name in ("seq_length", "shuffle_window", "pack_window"):
             if getattr(self, name) < 1:
                 raise DataConfigError(f"{where}: data.{name}={getattr(self, name)} must be positive")
+        if not 0.0 <= self.max_skip_fraction <= 1.0:
+            raise DataConfigError(f"{where}: data.max_skip_fraction={self.max_skip_fraction} must lie in [0, 1]")
         if self.holdout_shards < 0:
             raise DataConfigError(f"{where}: data.holdout_shards={self.holdout_shards} must be >= 0")
         if self.num_workers < 0:

@@ -29,9 +29,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data import format as fmt
 from data.config import DataConfig
 from data.packing import BestFitPacker, ConcatPacker
-from data.stream import Dataset, ErrorPolicy, SlotStream, held_out, open_dataset
+from data.stream import Dataset, ErrorPolicy, SlotStream, held_out, open_dataset, sum_counts
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 def open_sources(cfg: DataConfig, model_vocab: int | None = None, part: str = "train") -> list[Dataset]:
@@ -60,7 +60,7 @@ class Mixture:
         self.cfg, self.datasets = cfg, datasets
         self.weights = np.array(cfg.weights())
         saved = saved or {}
-        self.policy = ErrorPolicy(cfg.on_error, dict(saved.get("stats") or ErrorPolicy().counts))
+        self.policy = ErrorPolicy(cfg.on_error, cfg.max_skip_fraction, saved.get("skips"))
         mix = saved.get("mixture", {})
         same_mix = mix.get("names") == [d.name for d in datasets] and np.allclose(mix.get("weights", []), self.weights)
         self.counts = np.array(mix["counts"] if same_mix else [0] * len(datasets), dtype=np.int64)
@@ -93,7 +93,7 @@ class Mixture:
     def state(self) -> dict:
         return {"mixture": {"names": [d.name for d in self.datasets], "weights": self.weights.tolist(),
                             "counts": self.counts.tolist()},
-                "stats": dict(self.policy.counts),
+                "skips": self.policy.state(),
                 "sources": {ds.name: {"dataset": ds.identity, "live": st.position(), "packer": p.state(),
                                       "exclude": {str(e): v for e, v in st.exclude.items()}}
                             for ds, st, p in zip(self.datasets, self.streams, self.packers)}}
@@ -122,6 +122,10 @@ def _ignore_stop_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+class _WorkerError(str):
+    """A DataError raised in a dataloader worker, carried to the main process as data."""
+
+
 class _Slots(IterableDataset):
     """What each dataloader worker runs: its logical worker's mixture, in micro-batches."""
 
@@ -133,10 +137,15 @@ class _Slots(IterableDataset):
         info = get_worker_info()
         # DataLoader always asks physical worker 0 first; start it on the logical worker that is due
         w = ((info.id if info else 0) + self.first) % self.n_workers
-        mixture = Mixture(self.cfg, self.datasets, self.rank * self.n_workers + w,
-                          self.n_ranks * self.n_workers, self.saved[w])
-        while True:
-            yield torch.from_numpy(mixture.batch(self.micro_batch)), w, mixture.state()
+        try:
+            mixture = Mixture(self.cfg, self.datasets, self.rank * self.n_workers + w,
+                              self.n_ranks * self.n_workers, self.saved[w])
+            while True:
+                yield torch.from_numpy(mixture.batch(self.micro_batch)), w, mixture.state()
+        except fmt.DataError as e:
+            # to the training process as the message itself: DataLoader would wrap it in its own
+            # traceback of the worker
+            yield _WorkerError(str(e)), w, None
 
 
 class TokenLoader:
@@ -162,8 +171,9 @@ class TokenLoader:
                 "rank": self.rank, "next_worker": self.next_worker, "workers": copy.deepcopy(self.worker_states)}
 
     def stats(self) -> dict:
-        """Counts for the training metrics: bad data skipped, sequences drawn per source (this rank)."""
-        out = {k: sum(w.get("stats", {}).get(k, 0) for w in self.worker_states) for k in ErrorPolicy().counts}
+        """Counts for the training metrics (this rank): bad data skipped (shards, samples and tokens,
+        in total and per source as `skipped_tokens/<source>`), sequences drawn per source."""
+        out = sum_counts([w.get("skips") for w in self.worker_states])
         for w in self.worker_states:
             mix = w.get("mixture", {})
             for name, n in zip(mix.get("names", []), mix.get("counts", [])):
@@ -210,15 +220,24 @@ class TokenLoader:
                     for n, src in ws.get("sources", {}).items() if n == ds.name]
             if not olds:
                 continue
-            streams = [SlotStream(ds, slot, n_old, old["seed"], old["shuffle_window"], ds.vocab_size, ErrorPolicy(),
+            streams = [SlotStream(ds, slot, n_old, old["seed"], old["shuffle_window"], ds.vocab_size, ErrorPolicy("skip"),
                                   exclude=excl, position=live) for slot, live, excl in olds]
             first = min(st.pos["epoch"] for st in streams)
             last = max(st.pos["epoch"] for st in streams)
             exclude = {str(e): sorted({s for st in streams for s in [*st.exclude.get(e, ()), *st.consumed_shards(e)]})
                        for e in range(first, last + 1)}
             sources[ds.name] = {"live": {"epoch": first, "window": 0, "emitted": 0}, "exclude": exclude}
-        stats = {k: sum(w.get("stats", {}).get(k, 0) for s in states for w in s["workers"]) for k in ErrorPolicy().counts}
-        return [{"sources": copy.deepcopy(sources), "stats": dict(stats) if i == 0 and self.rank == 0 else {}}
+        # the skips counted so far move to the first new reader (the shards they name are behind
+        # every reader now)
+        merged = ErrorPolicy()
+        for s in states:
+            for w in s["workers"]:
+                for name, c in (w.get("skips") or {}).get("counts", {}).items():
+                    mine = merged._source(name)
+                    for k, v in c.items():
+                        mine[k] += v
+                merged.bad.update((w.get("skips") or {}).get("bad", {}))
+        return [{"sources": copy.deepcopy(sources), "skips": merged.state() if i == 0 and self.rank == 0 else None}
                 for i in range(self.n_workers)]
 
     # --- iteration ---------------------------------------------------------------------------------
@@ -233,6 +252,8 @@ class TokenLoader:
                             prefetch_factor=4 if self.cfg.num_workers else None, collate_fn=_as_is,
                             worker_init_fn=_ignore_stop_signals)
         for packed, w, state in loader:
+            if isinstance(packed, _WorkerError):
+                raise fmt.DataError(str(packed))
             self.worker_states[w] = state
             self.next_worker = (w + 1) % self.n_workers
             yield unpack(packed, self.cfg.packing)

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import tarfile
+import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -120,28 +121,110 @@ def slot_shards(ds: Dataset, seed: int, epoch: int, slot: int, n_slots: int, exc
     return [int(s) for s in order if s not in skip][slot::n_slots]
 
 
-@dataclass
-class ErrorPolicy:
-    """`fail`: bad data raises DataError. `skip`: it is logged and counted, and reading goes on."""
-    mode: str = "fail"
-    counts: dict = field(default_factory=lambda: {"skipped_samples": 0, "skipped_shards": 0})
+# A skipped share is judged once a reader has read this many samples of a source (or a whole pass
+# over its shards, if sooner): before that a single bad shard would be a large share of very little.
+JUDGE_SAMPLES = 1000
+LOG_IN_FULL = 5  # skips logged with their whole message; after that, a summary at most every minute
+LOG_EVERY_S = 60.0
 
-    def bad(self, err: fmt.DataError, what: str) -> None:
+
+class ErrorPolicy:
+    """What happens to a bad shard. `fail`: its DataError stops the run. `skip`: the shard is skipped
+    whole (none of its samples delivered) and counted per source, in shards, samples and tokens (the
+    manifest's numbers); a source whose skipped share of what it has read passes `max_fraction`
+    stops the run, naming the source, the shards and the counts.
+
+    One policy per reader (a data-parallel rank's dataloader worker); its state is saved with the
+    reader's, and a shard already counted (a resumed reader re-reads its window) is not counted again.
+    """
+
+    def __init__(self, mode: str = "fail", max_fraction: float = 0.01, state: dict | None = None):
+        self.mode, self.max_fraction = mode, max_fraction
+        state = state or {}
+        self.counts: dict[str, dict[str, int]] = {k: dict(v) for k, v in state.get("counts", {}).items()}
+        self.bad: dict[str, str] = dict(state.get("bad", {}))  # "source:epoch:shard" -> reason
+        self._logged, self._last_summary = 0, 0.0
+
+    def state(self) -> dict:
+        return {"counts": {k: dict(v) for k, v in self.counts.items()}, "bad": dict(self.bad)}
+
+    def _source(self, name: str) -> dict[str, int]:
+        return self.counts.setdefault(name, {"shards": 0, "samples": 0, "tokens": 0, "read_samples": 0})
+
+    def opened(self, ds: "Dataset", index: int, epoch: int) -> None:
+        """A reader starts shard `index` (counted towards the share read, once per epoch)."""
+        key = f"{ds.name}:{epoch}:{index}"
+        if key not in self.bad:
+            self._source(ds.name)["read_samples"] += ds.samples[index]
+
+    def skip(self, ds: "Dataset", index: int, epoch: int, err: fmt.DataError) -> None:
+        """Shard `index` is bad: raise in `fail` mode; in `skip` mode count it (once) and log it."""
         if self.mode == "fail":
             raise err
-        self.counts[what] += 1
-        log.warning("skipping bad data (%s #%d): %s", what, self.counts[what], err)
+        key = f"{ds.name}:{epoch}:{index}"
+        if key in self.bad:
+            return
+        self.bad[key] = str(err)
+        shard = ds.manifest["shards"][index]
+        c = self._source(ds.name)
+        c["shards"] += 1
+        c["samples"] += shard["samples"]
+        c["tokens"] += shard["tokens"]
+        self._logged += 1
+        now = time.monotonic()
+        if self._logged <= LOG_IN_FULL:
+            log.warning("skipping bad shard (%d samples, %d tokens of source '%s'): %s",
+                        shard["samples"], shard["tokens"], ds.name, err)
+        elif now - self._last_summary >= LOG_EVERY_S:
+            self._last_summary = now
+            log.warning("skipping bad data: %s", self.describe())
+
+    def judge(self, ds: "Dataset", whole_pass: bool) -> None:
+        """Stop the run if `ds`'s skipped share of what this reader has read is past the ceiling."""
+        c = self.counts.get(ds.name)
+        if self.mode == "fail" or not c or not c["shards"]:
+            return
+        read = c["read_samples"]
+        if not whole_pass and read < JUDGE_SAMPLES:
+            return
+        share = c["samples"] / max(read, 1)
+        if share > self.max_fraction:
+            shards = sorted({int(k.rsplit(":", 1)[1]) for k in self.bad if k.split(":")[0] == ds.name})
+            names = ", ".join(ds.manifest["shards"][i]["name"] for i in shards[:8])
+            first = next(v for k, v in self.bad.items() if k.split(":")[0] == ds.name)
+            raise fmt.DataError(
+                f"source '{ds.name}' ({ds.where}): skipped {c['shards']} bad shard(s), {c['samples']:,} samples and "
+                f"{c['tokens']:,} tokens, {share:.1%} of the {read:,} samples this reader has read, more than "
+                f"data.max_skip_fraction={self.max_fraction}; bad shards: {names}{' ...' if len(shards) > 8 else ''}; "
+                f"the first: {first}")
+
+    def describe(self) -> str:
+        return "; ".join(f"source '{n}': {c['shards']} shard(s), {c['samples']:,} samples, {c['tokens']:,} tokens "
+                         f"skipped of {c['read_samples']:,} samples read" for n, c in self.counts.items() if c["shards"])
+
+
+def sum_counts(states: list[dict]) -> dict[str, int]:
+    """Skip counters of several readers' policy states, per source and in total, for reports:
+    skipped_{shards,samples,tokens} and skipped_<kind>/<source>."""
+    out = {"skipped_shards": 0, "skipped_samples": 0, "skipped_tokens": 0}
+    for state in states:
+        for name, c in (state or {}).get("counts", {}).items():
+            for kind in ("shards", "samples", "tokens"):
+                out[f"skipped_{kind}"] += c[kind]
+                out[f"skipped_{kind}/{name}"] = out.get(f"skipped_{kind}/{name}", 0) + c[kind]
+    return out
 
 
 class _HashingReader:
-    """Passes a byte stream through while hashing it, so a shard's checksum costs no second read."""
+    """Passes a byte stream through while hashing and counting it, so a shard's checks cost no second read."""
 
     def __init__(self, stream):
-        self.stream, self.sha = stream, hashlib.sha256()
+        self.stream, self.sha, self.bytes = stream, hashlib.sha256(), 0
 
     def read(self, n: int = -1) -> bytes:
         data = self.stream.read(n)
         self.sha.update(data)
+        self.bytes += len(data)
         return data
 
     def drain(self) -> str:
@@ -150,14 +233,14 @@ class _HashingReader:
         return self.sha.hexdigest()
 
 
-def read_shard(ds: Dataset, index: int, policy: ErrorPolicy) -> Iterator[tuple[str, dict]]:
-    """(where, raw sample) for each sample of shard `index`; checks the count and the checksum at the end."""
+def read_shard(ds: Dataset, index: int) -> Iterator[tuple[str, dict]]:
+    """(where, raw sample) for each sample of shard `index`. At its end the shard must agree with the
+    manifest in every way (samples, bytes, sha256), or DataError: read it to the end to be sure."""
     url, expected = ds.urls[index], ds.manifest["shards"][index]
     try:
         stream = wds.gopen(url, "rb")
     except Exception as e:
-        policy.bad(fmt.DataError(f"{url}: missing or unreadable shard ({e}); listed in {ds.where}"), "skipped_shards")
-        return
+        raise fmt.DataError(f"{url}: missing or unreadable shard ({e}); listed in {ds.where}") from None
     reader = _HashingReader(stream)
     count, key, complete = 0, None, False
     try:
@@ -171,32 +254,39 @@ def read_shard(ds: Dataset, index: int, policy: ErrorPolicy) -> Iterator[tuple[s
     except (tarfile.TarError, OSError, EOFError, ValueError, zstandard.ZstdError) as e:
         after = f"after sample {key}" if key else "before its first sample"
         reason = str(e.args[0]).split(" @ ")[0] if e.args else type(e).__name__  # webdataset appends the stream
-        policy.bad(fmt.DataError(f"{url}: truncated or unreadable tar {after} ({reason})"), "skipped_shards")
-        return
+        raise fmt.DataError(f"{url}: truncated or unreadable tar {after} ({reason})") from None
     finally:
         try:
             stream.close()
         except Exception as e:  # a pipe: command that failed reports it on close
             if complete:
-                policy.bad(fmt.DataError(f"{url}: {e}"), "skipped_shards")
-                return
+                raise fmt.DataError(f"{url}: {e}") from None
     if count != expected["samples"]:
         problem = "ended early: truncated?" if count < expected["samples"] else "holds more: changed?"
-        policy.bad(fmt.DataError(f"{url}: {count} samples, but {ds.where} lists {expected['samples']} ({problem})"),
-                   "skipped_shards")
-    elif digest != expected["sha256"]:
-        policy.bad(fmt.DataError(f"{url}: contents do not match {ds.where} (sha256 {digest[:12]}..., "
-                                 f"manifest {expected['sha256'][:12]}...)"), "skipped_shards")
+        raise fmt.DataError(f"{url}: {count} samples, but {ds.where} lists {expected['samples']} ({problem})")
+    if "bytes" in expected and reader.bytes != expected["bytes"]:
+        raise fmt.DataError(f"{url}: {reader.bytes:,} bytes, but {ds.where} lists {expected['bytes']:,}")
+    if digest != expected["sha256"]:
+        raise fmt.DataError(f"{url}: contents do not match {ds.where} (sha256 {digest[:12]}..., "
+                            f"manifest {expected['sha256'][:12]}...)")
 
 
-def decoded_shard(ds: Dataset, index: int, policy: ErrorPolicy) -> Iterator[tuple[str, np.ndarray, dict]]:
-    """(key, tokens, metadata) of each good sample of shard `index`, in order; bad ones go to `policy`."""
+def decoded_shard(ds: Dataset, index: int) -> Iterator[tuple[str, np.ndarray, dict]]:
+    """(key, tokens, metadata) of each sample of shard `index`, in order; DataError at the first problem."""
     decompressor = zstandard.ZstdDecompressor()
-    for where, raw in read_shard(ds, index, policy):
-        try:
-            yield (raw["__key__"], *fmt.decode_sample(raw, ds.dtype, ds.vocab_size, where, decompressor))
-        except fmt.DataError as e:
-            policy.bad(e, "skipped_samples")
+    for where, raw in read_shard(ds, index):
+        yield (raw["__key__"], *fmt.decode_sample(raw, ds.dtype, ds.vocab_size, where, decompressor))
+
+
+def check_shard(ds: Dataset, index: int) -> fmt.DataError | None:
+    """Read shard `index` whole: None if it agrees with the manifest and every sample decodes, else
+    what is wrong. The loader's skip mode and `glm-data inspect --verify` judge shards by this."""
+    try:
+        for _ in decoded_shard(ds, index):
+            pass
+    except fmt.DataError as e:
+        return e
+    return None
 
 
 class SlotStream:
@@ -212,6 +302,8 @@ class SlotStream:
         self._buffer: list | None = None  # the current window: [(where, raw) or None], and its order
         self._reader: dict | None = None  # the open shard: its place, iterator and next offset
         self._decompressor = zstandard.ZstdDecompressor()
+        self._bad_in_a_row = 0  # skip mode: consecutive bad shards (a whole pass of them ends the run)
+        self._opened = 0  # skip mode: shards this reader has opened
         if len(ds.urls) < n_slots:
             raise fmt.DataError(f"source '{ds.name}': {len(ds.urls)} shards cannot feed {n_slots} readers "
                                 "(data-parallel ranks x dataloader workers); prepare it with a smaller "
@@ -228,19 +320,45 @@ class SlotStream:
             self._epoch_cache = (epoch, shards, np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]))
         return self._epoch_cache[1], self._epoch_cache[2]
 
+    def _open(self, shard: int) -> Iterator:
+        """The samples of `shard`. In skip mode the shard is checked whole first, and a bad one
+        gives none of its samples (skipped and counted); in fail mode it is read as it streams and
+        a problem raises where it shows."""
+        epoch = self.pos["epoch"]
+        self.policy.opened(self.ds, shard, epoch)
+        if self.policy.mode == "skip":
+            shards, _ = self._epoch(epoch)
+            self._opened += 1
+            whole_pass = self._opened >= len(shards)  # as many shards as one pass of this reader
+            err = check_shard(self.ds, shard)
+            if err is None:
+                self._bad_in_a_row = 0
+            else:
+                self.policy.skip(self.ds, shard, epoch, err)
+                self._bad_in_a_row += 1
+                if self._bad_in_a_row >= len(shards):
+                    self.policy.judge(self.ds, whole_pass=True)
+                    raise fmt.DataError(f"source '{self.ds.name}': a whole pass over the {len(shards)} shard(s) "
+                                        f"reader {self.slot} reads delivered nothing: every one was bad; "
+                                        f"{self.policy.describe()}; the last: {err}")
+            self.policy.judge(self.ds, whole_pass)
+            if err is not None:
+                return iter(())
+        return read_shard(self.ds, shard)
+
     def _sample_at(self, shards: list[int], starts: np.ndarray, offset: int):
         """The raw sample at `offset` of this epoch's stream, reading forward (None if lost to bad data)."""
         i = int(np.searchsorted(starts, offset, side="right")) - 1
         key, within, r = (self.pos["epoch"], i), offset - int(starts[i]), self._reader
         if r is None or r["key"] != key or r["next"] > within:
             if r is not None and r["next"] == self.ds.samples[r["shard"]]:
-                next(r["it"], None)  # a fully read shard: let it check its count and checksum
-            r = self._reader = {"key": key, "shard": shards[i], "next": 0,
-                                "it": read_shard(self.ds, shards[i], self.policy)}
+                for _ in r["it"]:  # a fully read shard: read to its end, where it is checked
+                    pass
+            r = self._reader = {"key": key, "shard": shards[i], "next": 0, "it": self._open(shards[i])}
         found = None
         while r["next"] <= within:
             found = next(r["it"], None)
-            if found is None:  # the shard ended early (bad data skipped): the rest of it is lost
+            if found is None:  # a skipped shard: all of it is lost
                 r["next"] = within + 1
                 return None
             r["next"] += 1
@@ -277,10 +395,7 @@ class SlotStream:
             if item is None:
                 continue
             where, raw = item
-            try:
-                return fmt.decode_sample(raw, self.ds.dtype, self.vocab_size, where, self._decompressor)
-            except fmt.DataError as e:
-                self.policy.bad(e, "skipped_samples")
+            return fmt.decode_sample(raw, self.ds.dtype, self.vocab_size, where, self._decompressor)
 
     def consumed_shards(self, epoch: int) -> list[int]:
         """Shards of `epoch` this slot has started reading (for re-dealing shards to a new layout)."""

@@ -11,7 +11,7 @@ from data import cli, format as fmt, tokenizer as toks
 from data.corpus import documents
 from data.loader import TokenLoader
 from data.prepare import Options, prepare
-from data.stream import ErrorPolicy, decoded_shard, open_dataset
+from data.stream import decoded_shard, open_dataset
 from tests.data_helpers import config
 
 pytestmark = pytest.mark.xdist_group("data")
@@ -29,7 +29,7 @@ def stored_docs(path):
     """{document id: token ids (EOD included)} of a prepared dataset."""
     ds, out = open_dataset("x", str(path)), {}
     for i in range(len(ds.urls)):
-        for _, tokens, meta in decoded_shard(ds, i, ErrorPolicy()):
+        for _, tokens, meta in decoded_shard(ds, i):
             out.update(zip(meta["docs"], fmt.split_documents(tokens, meta)))
     return out
 
