@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
                        description="Tokenise documents, append the end-of-document token, apply Fill-in-the-Middle "
                        "to code, and write samples of whole documents into WebDataset tar shards with a manifest. "
                        "The same inputs and options give byte-identical output.")
-    p.add_argument("inputs", nargs="+", help="JSONL (.jsonl, .jsonl.gz, .jsonl.zst), Parquet or text files, "
+    p.add_argument("inputs", nargs="+", help="JSONL (.jsonl, .jsonl.gz, .jsonl.zst), JSON (one document or a list), "
+                   "Parquet or text files, "
                    "directories, globs, or embedded:general / embedded:code")
     p.add_argument("-o", "--out", required=True, help="output directory (one dataset)")
     p.add_argument("--name", default="", help="dataset name recorded in the samples (default: the directory name)")
@@ -52,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="tokeniser processes (all cores)")
     p.add_argument("--zstd-level", type=int, default=3, help="zstd compression level (3)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
+    p.add_argument("--invalid-utf8", choices=("error", "replace"), default="error",
+                   help="text that is not valid UTF-8: stop, naming file, line and byte (error, the default), or "
+                   "replace each bad sequence with U+FFFD and count them in the summary (replace, for messy crawls)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     i = sub.add_parser("inspect", help="show a shard, a dataset, or the mixture a stage would produce",

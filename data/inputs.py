@@ -1,4 +1,4 @@
-"""Raw inputs for `prepare`: JSONL (optionally .gz/.zst), Parquet and plain-text files, given as
+"""Raw inputs for `prepare`: JSONL and JSON (optionally .gz/.zst), Parquet and plain-text files, given as
 files, directories (walked recursively) or globs, plus `embedded:general` / `embedded:code`.
 
 Every document gets a stable id (`path:line`, `path:row`, or `path`) that goes into the shard
@@ -11,14 +11,19 @@ import glob
 import gzip
 import io
 import json
+import re
+import zlib
 from pathlib import Path
 from typing import Iterator
+
+import zstandard
 
 from data.corpus import PARTS, Document, documents
 from data.format import DataError
 
 EMBEDDED = "embedded:"
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".ndjson")
+JSON_SUFFIXES = (".json", ".json.gz", ".json.zst")
 PARQUET_SUFFIXES = (".parquet",)
 
 
@@ -35,72 +40,200 @@ def expand(specs: list[str]) -> list[str]:
         if path.is_dir():
             files = sorted(str(p) for p in path.rglob("*")
                            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if not files:
+                raise DataError(f"{spec}: the directory holds no files (hidden ones are not read)")
         elif path.is_file():
             files = [spec]
         else:
             files = sorted(f for f in glob.glob(spec, recursive=True) if Path(f).is_file())
-        if not files:
-            raise DataError(f"{spec}: no such file, directory or matching glob")
+            if not files:
+                raise DataError(f"{spec}: no such file, directory or matching glob")
         out.extend(files)
     return list(dict.fromkeys(out))
 
 
-def _text_lines(path: str) -> io.TextIOBase:
-    if path.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    if path.endswith(".zst"):
-        import zstandard
+class Reader:
+    """Reads inputs into documents, holding what it repaired: with `invalid_utf8="replace"` bytes
+    that are not UTF-8 (and lone surrogates that JSON escapes can spell) become U+FFFD, counted per
+    input in `replaced`; with "error" (the default) the first one stops prepare, naming file,
+    line and byte offset."""
 
-        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")), encoding="utf-8")
-    return open(path, encoding="utf-8")
+    def __init__(self, field: str = "text", invalid_utf8: str = "error"):
+        if invalid_utf8 not in ("error", "replace"):
+            raise DataError(f"--invalid-utf8={invalid_utf8!r}: expected error or replace")
+        self.field, self.invalid_utf8 = field, invalid_utf8
+        self.replaced: dict[str, int] = {}
 
+    def read(self, spec: str) -> Iterator[Document]:
+        """The documents of one expanded input."""
+        if spec.startswith(EMBEDDED):
+            yield from documents(spec[len(EMBEDDED):])
+        elif spec.endswith(JSONL_SUFFIXES):
+            yield from self._jsonl(spec)
+        elif spec.endswith(JSON_SUFFIXES):
+            yield from self._json(spec)
+        elif spec.endswith(PARQUET_SUFFIXES):
+            yield from self._parquet(spec)
+        else:
+            data = Path(spec).read_bytes()
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                return  # not text (an image, a binary): left out, and listed in the summary
+            yield Document(spec, text)
 
-def _jsonl(path: str, field: str) -> Iterator[Document]:
-    with _text_lines(path) as f:
-        for line_no, line in enumerate(f, 1):
+    # --- text -------------------------------------------------------------------------------------
+    def _decode(self, raw: bytes, where: str) -> str:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if self.invalid_utf8 == "error":
+                raise DataError(f"{where}: invalid UTF-8 at byte offset {e.start} ({raw[e.start:e.start + 4]!r}...); "
+                                "pass --invalid-utf8=replace to replace such bytes (counted)") from None
+            text = raw.decode("utf-8", "replace")
+            self._count(where, text.count("\ufffd") - raw.decode("utf-8", "ignore").count("\ufffd"))
+            return text
+
+    def _text(self, text: str, where: str) -> str:
+        """`text` as valid Unicode: a lone surrogate (JSON's "\\ud800") is an error or replaced."""
+        try:
+            text.encode("utf-8")
+            return text
+        except UnicodeEncodeError as e:
+            if self.invalid_utf8 == "error":
+                raise DataError(f"{where}: lone surrogate {text[e.start]!r} at character {e.start} of the text "
+                                "(not valid Unicode); pass --invalid-utf8=replace to replace it (counted)") from None
+            fixed = _SURROGATE.sub("\ufffd", text)
+            self._count(where, len(_SURROGATE.findall(text)))
+            return fixed
+
+    def _count(self, where: str, n: int) -> None:
+        path = where.rsplit(":", 1)[0]
+        self.replaced[path] = self.replaced.get(path, 0) + n
+
+    def _lines(self, path: str) -> Iterator[tuple[int, bytes]]:
+        """(line number, bytes) of a plain, .gz or .zst file; a damaged or truncated compressed file
+        is a DataError naming the file and the last whole line read."""
+        line_no = 0
+        try:
+            with _open_bytes(path) as f:
+                for line_no, raw in enumerate(f, 1):
+                    yield line_no, raw
+        except (EOFError, OSError, zlib.error, zstandard.ZstdError, _Truncated) as e:
+            raise DataError(f"{path}: damaged or truncated compressed data after line {line_no} "
+                            f"({type(e).__name__}: {e})") from None
+
+    def _jsonl(self, path: str) -> Iterator[Document]:
+        for line_no, raw in self._lines(path):
+            where = f"{path}:{line_no}"
+            line = self._decode(raw, where)
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or field not in record:
-                raise DataError(f"{path}:{line_no}: no '{field}' field (set it with --text-field)")
-            if not isinstance(record[field], str):
-                raise DataError(f"{path}:{line_no}: '{field}' is {type(record[field]).__name__}, not a string")
-            yield Document(f"{path}:{line_no}", record[field])
+                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            yield self._document(record, where)
+
+    def _json(self, path: str) -> Iterator[Document]:
+        """A .json file: one document (an object with the text field) or a list of them."""
+        raw = b"".join(raw for _, raw in self._lines(path))
+        text = self._decode(raw, path)
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        records = value if isinstance(value, list) else [value]
+        for i, record in enumerate(records):
+            yield self._document(record, f"{path}:{i}" if isinstance(value, list) else path)
+
+    def _document(self, record, where: str) -> Document:
+        if not isinstance(record, dict) or self.field not in record:
+            raise DataError(f"{where}: no '{self.field}' field (set it with --text-field)")
+        text = record[self.field]
+        if not isinstance(text, str):
+            raise DataError(f"{where}: '{self.field}' is {type(text).__name__}, not a string")
+        return Document(where, self._text(text, where))
+
+    def _parquet(self, path: str) -> Iterator[Document]:
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as e:
+            raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+        if self.field not in pf.schema_arrow.names:
+            raise DataError(f"{path}: no '{self.field}' column (columns: {', '.join(pf.schema_arrow.names)}); "
+                            "set it with --text-field")
+        row = 0
+        try:
+            for batch in pf.iter_batches(columns=[self.field]):
+                for text in batch.column(0).to_pylist():
+                    if text is not None and not isinstance(text, str):
+                        raise DataError(f"{path}: row {row}: '{self.field}' is {type(text).__name__}, not a string")
+                    yield Document(f"{path}:{row}", self._text(text or "", f"{path}:{row}"))
+                    row += 1
+        except DataError:
+            raise
+        except Exception as e:  # pyarrow's errors for damaged pages, invalid UTF-8 in string columns
+            raise DataError(f"{path}: unreadable Parquet data after row {row} ({type(e).__name__}: {e})") from None
 
 
-def _parquet(path: str, field: str) -> Iterator[Document]:
-    import pyarrow.parquet as pq
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:
-        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
-    if field not in pf.schema_arrow.names:
-        raise DataError(f"{path}: no '{field}' column (columns: {', '.join(pf.schema_arrow.names)}); "
-                        "set it with --text-field")
-    row = 0
-    for batch in pf.iter_batches(columns=[field]):
-        for text in batch.column(0).to_pylist():
-            if text is not None and not isinstance(text, str):
-                raise DataError(f"{path}: row {row}: '{field}' is {type(text).__name__}, not a string")
-            yield Document(f"{path}:{row}", text or "")
-            row += 1
+
+class _Truncated(Exception):
+    pass
+
+
+class _ZstdLines(io.RawIOBase):
+    """The bytes of every zstd frame in a file, one after the other (as `zstd -d` reads them); a file
+    that ends inside a frame raises _Truncated instead of ending quietly."""
+
+    def __init__(self, path: str):
+        self.f = open(path, "rb")
+        self.dctx = zstandard.ZstdDecompressor()
+        self.obj = self.dctx.decompressobj()
+        self.pending = b""
+        self.in_frame = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self.pending:
+            chunk = self.f.read(1 << 16)
+            if not chunk:
+                if self.in_frame:
+                    raise _Truncated("the file ends inside a zstd frame")
+                return 0
+            while chunk:
+                self.in_frame = True
+                self.pending += self.obj.decompress(chunk)
+                if self.obj.eof:  # a frame ended: what follows is the next frame
+                    chunk = self.obj.unused_data
+                    self.obj = self.dctx.decompressobj()
+                    self.in_frame = False
+                else:
+                    chunk = b""
+        n = min(len(buffer), len(self.pending))
+        buffer[:n] = self.pending[:n]
+        self.pending = self.pending[n:]
+        return n
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
+
+
+def _open_bytes(path: str):
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")  # reads every member; CRC and length checked, truncation raises
+    if path.endswith(".zst"):
+        return io.BufferedReader(_ZstdLines(path), 1 << 16)
+    return open(path, "rb")
 
 
 def read(spec: str, field: str = "text") -> Iterator[Document]:
-    """The documents of one expanded input. Plain files that are not UTF-8 text yield nothing."""
-    if spec.startswith(EMBEDDED):
-        yield from documents(spec[len(EMBEDDED):])
-    elif spec.endswith(JSONL_SUFFIXES):
-        yield from _jsonl(spec, field)
-    elif spec.endswith(PARQUET_SUFFIXES):
-        yield from _parquet(spec, field)
-    else:
-        try:
-            text = Path(spec).read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            return
-        yield Document(spec, text)
+    """The documents of one expanded input (invalid UTF-8 is an error)."""
+    yield from Reader(field).read(spec)
