@@ -281,11 +281,17 @@ def decoded_shard(ds: Dataset, index: int) -> Iterator[tuple[str, np.ndarray, di
 def check_shard(ds: Dataset, index: int) -> fmt.DataError | None:
     """Read shard `index` whole: None if it agrees with the manifest and every sample decodes, else
     what is wrong. The loader's skip mode and `glm-data inspect --verify` judge shards by this."""
+    tokens = documents = 0
     try:
-        for _ in decoded_shard(ds, index):
-            pass
+        for _, t, meta in decoded_shard(ds, index):
+            tokens += len(t)
+            documents += len(meta["lengths"])
     except fmt.DataError as e:
         return e
+    expected = ds.manifest["shards"][index]
+    for what, got in (("tokens", tokens), ("documents", documents)):
+        if what in expected and got != expected[what]:
+            return fmt.DataError(f"{ds.urls[index]}: {got:,} {what}, but {ds.where} lists {expected[what]:,}")
     return None
 
 

@@ -182,14 +182,15 @@ def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None,
 
 def stage_data(stage: StageConfig, loader: DataConfig, config_dir: Path, where: str, name: str) -> DataConfig:
     """The stage's data: its configs/data member, with the stage's seq_length and packing, and the
-    loader settings (num_workers, on_error, holdout_shards) of the `data` group, which apply to
-    every stage."""
+    loader settings (num_workers, on_error, max_skip_fraction, holdout_shards) of the `data` group,
+    which apply to every stage."""
     path = config_dir / "data" / f"{stage.data}.yaml"
     if not path.is_file():
         members = sorted(p.stem for p in (config_dir / "data").glob("*.yaml"))
         raise ConfigError(f"{where}: stages.{name}.data={stage.data!r}: no {path} (members: {', '.join(members)})")
     data = to_schema(DataConfig, OmegaConf.load(path), str(path), "data")
     data.num_workers, data.on_error = loader.num_workers, loader.on_error
+    data.max_skip_fraction = loader.max_skip_fraction
     data.holdout_shards = loader.holdout_shards
     if stage.seq_length is not None:
         data.seq_length = stage.seq_length

@@ -150,6 +150,7 @@ class Trainer:
         self.loader = None
         self.loader_states: list | None = None  # every rank's loader state, to continue from
         self.saved_step = -1
+        self._skips_seen = 0  # bad shards skipped, as last reported
 
     # ---- state -----------------------------------------------------------------------------
 
@@ -206,6 +207,23 @@ class Trainer:
                f"seq_length={data.seq_length} packing={data.packing} " + " ".join(f"{k}={v}" for k, v in values.items()))
         log.info(("switched to " if switched else "") + msg)
         self.metrics.text("stage", msg, self.step)
+
+    def data_skips(self) -> dict:
+        """Bad data skipped so far (data.on_error=skip), over every data-parallel rank; a warning
+        whenever it grows."""
+        from megatron.core import parallel_state as ps
+
+        st = self.loader.stats()
+        counts = torch.tensor([st["skipped_shards"], st["skipped_samples"], st["skipped_tokens"]],
+                              dtype=torch.float64, device=self.device)
+        if self.dp > 1:
+            dist.all_reduce(counts, group=ps.get_data_parallel_group(with_context_parallel=True))
+        shards, samples, tokens = (int(x) for x in counts.tolist())
+        if shards > self._skips_seen:
+            log.warning(f"data: {shards} bad shard(s) skipped so far, {samples:,} samples, {tokens:,} tokens "
+                        "(data.on_error=skip; the loader's log names them)")
+        self._skips_seen = shards
+        return {"skipped-data-shards": shards, "skipped-data-samples": samples, "skipped-data-tokens": tokens}
 
     # ---- the loop --------------------------------------------------------------------------
 
@@ -288,7 +306,7 @@ class Trainer:
                          "params-norm": params_norm(self.chunks), "iteration-time": elapsed,
                          "throughput": flops / elapsed / world / 1e12,
                          "tokens-per-second": batch_tokens / elapsed, "consumed-tokens": self.tokens,
-                         "stage": stage.index, "skipped-iterations": self.skipped,
+                         "stage": stage.index, "skipped-iterations": self.skipped, **self.data_skips(),
                          "mfu": flops / elapsed / world / self.peak if self.peak else None}
                     if self.device.type == "cuda":
                         s["mem-allocated-bytes"] = torch.cuda.memory_allocated()

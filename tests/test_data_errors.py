@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 
 import pytest
@@ -245,3 +246,16 @@ def test_errors_in_loader_workers_arrive_as_the_projects_own_message(tmp_path):
         TokenLoader(cfg, 1).take(10**4)
     assert str(e.value).startswith(str(tmp_path / "d" / "shard-000001.tar"))
     assert "DataLoader worker" not in str(e.value) and "Traceback" not in str(e.value)
+
+
+def test_a_manifest_whose_token_count_disagrees_is_refused(tmp_path):
+    from data import inspect
+
+    synthetic(tmp_path / "d", "d", N_DOCS, base=100, shard_tokens=1500, sample_tokens=400)
+    edit_manifest(tmp_path / "d", lambda m: m["shards"][2].update(tokens=m["shards"][2]["tokens"] + 1))
+    out = io.StringIO()
+    assert inspect.verify(str(tmp_path / "d"), out) == 1
+    assert re.search(r"bad shard shard-000002.tar: .*shard-000002.tar: [\d,]+ tokens, but .*manifest.json lists",
+                     out.getvalue())
+    loader, _ = read_epoch(tmp_path / "d", "skip", 10**4, max_skip_fraction=1.0)
+    assert loader.stats()["skipped_shards"] >= 1

@@ -601,3 +601,23 @@ def test_launch_world_size_and_interleaved_micro_batches_are_checked_before_star
     with pytest.raises(ConfigError, match=r"experiment/tiny.yaml: train.batch_start_tokens=256 gives 1 micro-batch"
                                           r".*needs at least parallel.pipeline=2"):
         preflight(compose([*vp, "train.batch_start_tokens=256"]))
+
+
+def test_skipped_bad_data_reaches_tensorboard_and_the_log(data_root, tmp_path):
+    """data.on_error=skip: a shard that fails its checksum is left out, and the run's scalars and
+    log say how much (the manifest's numbers for it)."""
+    import json
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(data_root, root)
+    manifest_path = root / "tiny" / "general" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["shards"][0]["sha256"] = "0" * 64
+    manifest_path.write_text(json.dumps(manifest))
+    out = _run(root, tmp_path / "run", "data.on_error=skip", "data.max_skip_fraction=0.5", "train.max_steps=6")
+    s = scalars(tmp_path / "run")
+    shard = manifest["shards"][0]
+    assert s["skipped-data-shards"][6] == 1 and s["skipped-data-tokens"][6] == shard["tokens"]
+    assert s["skipped-data-samples"][6] == shard["samples"]
+    assert "data: 1 bad shard(s) skipped so far" in out
