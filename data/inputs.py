@@ -232,8 +232,3 @@ def _open_bytes(path: str):
     if path.endswith(".zst"):
         return io.BufferedReader(_ZstdLines(path), 1 << 16)
     return open(path, "rb")
-
-
-def read(spec: str, field: str = "text") -> Iterator[Document]:
-    """The documents of one expanded input (invalid UTF-8 is an error)."""
-    yield from Reader(field).read(spec)

@@ -621,3 +621,36 @@ def test_skipped_bad_data_reaches_tensorboard_and_the_log(data_root, tmp_path):
     assert s["skipped-data-shards"][6] == 1 and s["skipped-data-tokens"][6] == shard["tokens"]
     assert s["skipped-data-samples"][6] == shard["samples"]
     assert "data: 1 bad shard(s) skipped so far" in out
+
+
+# ---- the main job ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def embedded_root(tmp_path_factory) -> Path:
+    """The embedded corpus prepared as `make data` does (its own tokenizer, vocabulary 16384)."""
+    from data import cli
+
+    root = tmp_path_factory.mktemp("embedded_root")
+    general, code = root / "embedded" / "general", root / "embedded" / "code"
+    assert cli.main(["prepare", "embedded:general", "-o", str(general), "-q", "--workers", "2"]) == 0
+    assert cli.main(["prepare", "embedded:code", "--code", "-o", str(code), "--tokenizer",
+                     str(general / "tokenizer.json"), "-q", "--workers", "2"]) == 0
+    return root
+
+
+def test_smoke_experiment_runs_through_the_real_entry_point(embedded_root, tmp_path):
+    """`make smoke`'s job, short: a few steps from a clean start on the embedded corpus (the warm-up
+    cut so the loss can move), its scalars in TensorBoard, a complete checkpoint."""
+    run_dir = tmp_path / "smoke"
+    p = subprocess.run([sys.executable, "-m", "pretrain", "experiment=smoke", f"run.dir={run_dir}",
+                        "train.max_steps=4", "train.lr_warmup_tokens=0", "train.eval_every=4", "train.eval_batches=1"],
+                       env=_env(embedded_root), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    s = scalars(run_dir)
+    loss = s["lm loss"]
+    assert sorted(loss) == [1, 2, 3, 4]
+    assert loss[1] == pytest.approx(math.log(16384), abs=0.5) and loss[4] < loss[1] - 0.3
+    for name in ("mtp_1 loss", "grad-norm", "throughput", "mfu", "lm loss validation", "skipped-data-tokens"):
+        assert name in s, name
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert latest == "step-00000004" and (run_dir / "checkpoints" / latest / "meta.json").is_file()
