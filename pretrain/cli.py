@@ -1,7 +1,7 @@
 """glm-pretrain: train (or resume) a GLM-family MoE model from the Hydra config tree.
 
   glm-pretrain experiment=smoke
-  torchrun --nproc-per-node 8 -m pretrain experiment=glm45_air parallel.expert=8
+  torchrun --nproc-per-node 8 -m pretrain experiment=smoke parallel.pipeline=2 parallel.expert=4
   srun glm-pretrain experiment=glm45 run.dir=/ckpt/glm45   (Slurm: one task per GPU)
 """
 
@@ -25,13 +25,16 @@ experiments (configs/experiment/):
 main fields (any field of any group can be overridden with Hydra syntax):
   model=glm45|glm45_air|single_gpu|smoke|tiny   model.num_layers=8 ...   (configs/model/)
   parallel.tensor / .expert / .expert_tensor / .pipeline / .context  (data parallel = the rest)
+  parallel.virtual_stages (interleaved schedule)  parallel.first_stage_layers / .last_stage_layers
+                (uneven pipeline split; unset = chosen so the output/MTP stage is not the slowest)
   optim=muon|adamw  optim.lr=2.5e-4  optim.weight_decay=0.1  optim.clip_grad=1.0
   train.micro_batch_size  train.global_batch_tokens  train.batch_start_tokens  train.batch_ramp_tokens
   train.lr_warmup_tokens  train.lr_min  train.dtype=auto|bf16|fp32  train.max_steps
   train.log_every  train.save_every  train.keep_last  train.eval_every  train.eval_batches
   stages.<name>.tokens / .data / .seq_length / .packing / .rope_theta / .expert_bias_update_rate
                 / .mtp_loss_weight / .recompute
-  data.num_workers  data.on_error=fail|skip  data.holdout_shards   (loader settings, every stage)
+  data.num_workers  data.on_error=fail|skip  data.max_skip_fraction  data.holdout_shards
+                (loader settings, every stage)
   run.dir=outputs/runs/NAME  run.exit_after_minutes=0
 
 exit codes: 0 finished; 75 stopped early on SIGTERM / SIGUSR1 / run.exit_after_minutes with a

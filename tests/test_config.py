@@ -104,3 +104,14 @@ def test_an_installed_package_finds_its_configs(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(target)},
                          capture_output=True, text=True, check=True).stdout.split()
     assert out == [str(target / "configs"), "128", "5"]
+
+
+def test_pretrain_help_lists_experiments_and_the_main_fields(capsys):
+    from pretrain import cli
+
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in ("smoke", "tiny", "single_gpu", "glm45", "glm45_air"):
+        assert f"\n  {name} " in out, name
+    for field in ("parallel.virtual_stages", "first_stage_layers", "data.max_skip_fraction", "exit codes: 0 finished"):
+        assert field in out, field
