@@ -13,8 +13,29 @@ import torch
 from model.config import ParallelConfig  # noqa: F401  (the layout, re-exported for callers)
 
 
+def _ephemeral_start() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port free now for a rendezvous, chosen below the kernel's ephemeral range: gloo and NCCL
+    open many connections from that range, and one of them may take a port picked from it between
+    the pick and the store's bind (EADDRINUSE)."""
+    import random
+
+    low, high = 20000, _ephemeral_start()
+    for port in random.sample(range(low, high), min(64, max(high - low, 0))):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # no range below the ephemeral one: any free port
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

@@ -23,6 +23,19 @@ def _entry(rank, world, port, out_dir, fn, args):
 
 
 def run(fn, world: int, *args, out_dir: str, timeout: float = 600):
+    """fn(rank, *args) on `world` processes; returns the list of per-rank results. A rendezvous port
+    taken between its pick and its bind (another test's processes) is retried with another."""
+    for attempt in range(3):
+        try:
+            return _run(fn, world, *args, out_dir=out_dir, timeout=timeout)
+        except AssertionError as e:
+            if "EADDRINUSE" not in str(e) or attempt == 2:
+                raise
+            for name in os.listdir(out_dir):
+                os.remove(os.path.join(out_dir, name))
+
+
+def _run(fn, world: int, *args, out_dir: str, timeout: float = 600):
     """fn(rank, *args) on `world` processes; returns the list of per-rank results. A world that
     has not finished after `timeout` seconds (a collective some rank never joins) is killed and
     reported, never left to hang the suite."""

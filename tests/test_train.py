@@ -86,8 +86,11 @@ def _env(data_root: Path) -> dict:
 
 
 def _run(data_root, run_dir, *overrides, nproc=1, expect=0) -> str:
-    p = subprocess.run(_command(run_dir, *overrides, nproc=nproc), env=_env(data_root), cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
+    for _ in range(3):  # a rendezvous port taken between its pick and torchrun's bind: another port
+        p = subprocess.run(_command(run_dir, *overrides, nproc=nproc), env=_env(data_root), cwd=ROOT,
+                           capture_output=True, text=True, timeout=600)
+        if "EADDRINUSE" not in p.stdout + p.stderr:
+            break
     assert p.returncode == expect, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p.stdout
 
