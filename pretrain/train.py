@@ -41,7 +41,7 @@ class ExpertLoad:
         from model.sharding import whole_name
 
         # (whole-model name: global layer ids, router) of every MoE layer of this rank's chunks
-        self.routers = [(whole_name(name + ".expert_bias", chunk)[:-len(".expert_bias")], m)
+        self.routers = [(whole_name(name, chunk), m)
                         for chunk in chunks for name, m in chunk.named_modules()
                         if hasattr(m, "expert_bias") and getattr(m, "local_tokens_per_expert", None) is not None]
         self.counts: list[torch.Tensor] = []
