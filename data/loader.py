@@ -220,7 +220,7 @@ class TokenLoader:
                     for n, src in ws.get("sources", {}).items() if n == ds.name]
             if not olds:
                 continue
-            streams = [SlotStream(ds, slot, n_old, old["seed"], old["shuffle_window"], ds.vocab_size, ErrorPolicy("skip"),
+            streams = [SlotStream(ds, slot, n_old, old["seed"], old["shuffle_window"], ds.vocab_size, ErrorPolicy(),
                                   exclude=excl, position=live) for slot, live, excl in olds]
             first = min(st.pos["epoch"] for st in streams)
             last = max(st.pos["epoch"] for st in streams)
@@ -229,15 +229,8 @@ class TokenLoader:
             sources[ds.name] = {"live": {"epoch": first, "window": 0, "emitted": 0}, "exclude": exclude}
         # the skips counted so far move to the first new reader (the shards they name are behind
         # every reader now)
-        merged = ErrorPolicy()
-        for s in states:
-            for w in s["workers"]:
-                for name, c in (w.get("skips") or {}).get("counts", {}).items():
-                    mine = merged._source(name)
-                    for k, v in c.items():
-                        mine[k] += v
-                merged.bad.update((w.get("skips") or {}).get("bad", {}))
-        return [{"sources": copy.deepcopy(sources), "skips": merged.state() if i == 0 and self.rank == 0 else None}
+        merged = ErrorPolicy.merged([w.get("skips") for s in states for w in s["workers"]])
+        return [{"sources": copy.deepcopy(sources), "skips": merged if i == 0 and self.rank == 0 else None}
                 for i in range(self.n_workers)]
 
     # --- iteration ---------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import logging
 import os
 import tarfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -147,6 +147,18 @@ class ErrorPolicy:
 
     def state(self) -> dict:
         return {"counts": {k: dict(v) for k, v in self.counts.items()}, "bad": dict(self.bad)}
+
+    @classmethod
+    def merged(cls, states: list[dict | None]) -> dict:
+        """One state holding the counts and bad shards of several readers' states."""
+        out = cls()
+        for state in states:
+            for name, c in (state or {}).get("counts", {}).items():
+                mine = out._source(name)
+                for k, v in c.items():
+                    mine[k] += v
+            out.bad.update((state or {}).get("bad", {}))
+        return out.state()
 
     def _source(self, name: str) -> dict[str, int]:
         return self.counts.setdefault(name, {"shards": 0, "samples": 0, "tokens": 0, "read_samples": 0})

@@ -169,9 +169,9 @@ def test_skip_mode_stops_past_the_skipped_share_ceiling(tmp_path, caplog):
     n = len(json.loads((tmp_path / "d" / fmt.MANIFEST).read_text())["shards"])
     edit_manifest(tmp_path / "d", lambda m: [s.update(sha256="0" * 64) for s in m["shards"][:8]])
     epoch = 200 * 300  # tokens: more than an epoch's
-    with pytest.raises(fmt.DataError, match=rf"source 'd' \(.*manifest.json\): skipped 8 bad shard\(s\), .* of the "
-                                            rf"\d+ samples this reader has read, more than data.max_skip_fraction=0.1; "
-                                            rf"bad shards: shard-0000\d\d.tar"):
+    with pytest.raises(fmt.DataError, match=r"source 'd' \(.*manifest.json\): skipped 8 bad shard\(s\), .* of the "
+                                            r"\d+ samples this reader has read, more than data.max_skip_fraction=0.1; "
+                                            r"bad shards: shard-0000\d\d.tar"):
         read_epoch(tmp_path / "d", "skip", 2 * epoch, max_skip_fraction=0.1)
     # the first skips are logged in full, then summaries, never one line per skip
     assert 5 <= caplog.text.count("skipping bad") <= 6
