@@ -194,14 +194,15 @@ class _ZstdLines(io.RawIOBase):
         self.f = open(path, "rb")
         self.dctx = zstandard.ZstdDecompressor()
         self.obj = self.dctx.decompressobj()
-        self.pending = b""
+        self.pending, self.at = b"", 0  # decompressed bytes not yet handed out start at `at`
         self.in_frame = False
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        while not self.pending:
+        while self.at == len(self.pending):
+            self.pending, self.at = b"", 0
             chunk = self.f.read(1 << 16)
             if not chunk:
                 if self.in_frame:
@@ -216,9 +217,9 @@ class _ZstdLines(io.RawIOBase):
                     self.in_frame = False
                 else:
                     chunk = b""
-        n = min(len(buffer), len(self.pending))
-        buffer[:n] = self.pending[:n]
-        self.pending = self.pending[n:]
+        n = min(len(buffer), len(self.pending) - self.at)
+        buffer[:n] = self.pending[self.at:self.at + n]
+        self.at += n
         return n
 
     def close(self) -> None:
