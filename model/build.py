@@ -13,20 +13,24 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 
 from model import cpu_support
 from model.config import ModelConfig, ParallelConfig
-from model.spec import decoder_specs, have_transformer_engine, mtp_block_spec
+from model.attention import accept_segment_ids
+from model.spec import IMPLS, decoder_specs, have_transformer_engine, mtp_block_spec
 
 
-def resolve_impl(impl: str) -> bool:
-    """'auto' | 'te' | 'local' -> whether to use Transformer Engine modules."""
-    if impl not in ("auto", "te", "local"):
-        raise ValueError(f"impl={impl!r}: expected one of auto, te, local")
+def resolve_impl(impl: str) -> str:
+    """'auto' | 'te' | 'torch' | 'local' -> the implementation the layer spec uses (model/spec.py):
+    auto is Transformer Engine on a GPU where it imports, the fast PyTorch path otherwise."""
+    if impl not in ("auto", *IMPLS):
+        raise ValueError(f"impl={impl!r}: expected one of auto, {', '.join(IMPLS)}")
     if impl == "te" and not have_transformer_engine():
-        raise RuntimeError("impl=te but transformer_engine does not import; use impl=local or auto")
-    return impl == "te" or (impl == "auto" and have_transformer_engine() and torch.cuda.is_available())
+        raise RuntimeError("impl=te but transformer_engine does not import; use impl=torch or auto")
+    if impl == "auto":
+        return "te" if have_transformer_engine() and torch.cuda.is_available() else "torch"
+    return impl
 
 
 def transformer_config(m: ModelConfig, p: ParallelConfig, *, dtype: torch.dtype = torch.float32,
-                       use_te: bool = False, initialize: bool = True) -> TransformerConfig:
+                       impl: str = "local", initialize: bool = True) -> TransformerConfig:
     from model import pipeline
 
     cuda = torch.cuda.is_available()
@@ -61,7 +65,7 @@ def transformer_config(m: ModelConfig, p: ParallelConfig, *, dtype: torch.dtype 
         moe_router_dtype="fp32",
         moe_router_load_balancing_type="seq_aux_loss",
         moe_aux_loss_coeff=m.aux_loss_coeff,
-        moe_grouped_gemm=use_te,
+        moe_grouped_gemm=impl == "te",
         # alltoall is the fast dispatcher but needs CUDA streams; allgather gives the same result.
         moe_token_dispatcher_type="alltoall" if cuda else "allgather",
         mtp_num_layers=m.mtp_num_layers or None,
@@ -133,12 +137,12 @@ def build_model(m: ModelConfig, p: ParallelConfig | None = None, *, dtype: torch
 
     cpu_support.install()
     p = p or ParallelConfig()
-    use_te = resolve_impl(impl)
-    config = transformer_config(m, p, dtype=dtype, use_te=use_te, initialize=not meta)
+    impl = resolve_impl(impl)
+    config = transformer_config(m, p, dtype=dtype, impl=impl, initialize=not meta)
     if pp_rank is None:
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     plan = stage_plan(m, p, pp_rank, vp_stage)
-    block, moe_layer, backend = decoder_specs(config, use_te, m.first_k_dense, plan["layers"])
+    block, moe_layer, backend = decoder_specs(config, impl, m.first_k_dense, plan["layers"])
     mtp = mtp_block_spec(config, moe_layer, backend) if plan["mtp"] else None
     device = torch.device("meta") if meta else contextlib.nullcontext()
     with device:
@@ -157,6 +161,7 @@ def build_model(m: ModelConfig, p: ParallelConfig | None = None, *, dtype: torch
             vp_stage=vp_stage,
         )
     _mark_expert_parameters(model)
+    accept_segment_ids(model)  # packed documents: segment ids as the attention mask, for every impl
     if torch.cuda.is_available() and not meta:
         model.cuda(torch.cuda.current_device())
     return model

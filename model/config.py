@@ -41,7 +41,7 @@ class ModelConfig:
     rope_theta: float = MISSING  # the first stage's; a stage can change it (pretrain/stages.py)
     max_position_embeddings: int = MISSING
     mtp_num_layers: int = MISSING
-    norm_topk_prob: bool = True
+    norm_topk_prob: bool = True  # must be true for top-k > 1 and false for top-1 (validate says why)
     qkv_bias: bool = True  # q/k/v carry a bias; the output projection never does
     rms_norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -85,8 +85,12 @@ class ModelConfig:
             fail("partial_rotary_factor", "must lie in (0, 1]")
         if self.rotary_dim % 2:
             fail("partial_rotary_factor", f"gives an odd rotary dim {self.rotary_dim} of head_dim={self.head_dim}")
-        if not self.norm_topk_prob:
-            fail("norm_topk_prob", "must be true: Megatron-Core's sigmoid router always normalises the top-k")
+        if self.norm_topk_prob != (self.moe_router_topk > 1):
+            if self.moe_router_topk > 1:
+                fail("norm_topk_prob", f"must be true with moe_router_topk={self.moe_router_topk}: "
+                     "Megatron-Core's sigmoid router always normalises the top-k weights to sum to 1")
+            fail("norm_topk_prob", "must be false with moe_router_topk=1: Megatron-Core's sigmoid router "
+                 "weights a single expert by its score, while a normalised single weight is the constant 1")
         if self.routed_scaling_factor <= 0:
             fail("routed_scaling_factor", "must be positive")
         if self.rms_norm_eps <= 0:

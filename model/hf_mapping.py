@@ -72,6 +72,8 @@ def _as_tuple(names) -> tuple[str, ...]:
 
 
 def _present(cfg: ModelConfig, megatron_suffix: str) -> bool:
+    if ".shared_experts." in megatron_suffix:
+        return cfg.num_shared_experts > 0
     if "q_layernorm" in megatron_suffix or "k_layernorm" in megatron_suffix:
         return cfg.qk_norm
     if megatron_suffix.endswith(".bias"):
@@ -82,7 +84,7 @@ def _present(cfg: ModelConfig, megatron_suffix: str) -> bool:
 def _layer_entries(cfg: ModelConfig, moe: bool, mg: str, hf: str) -> list[Entry]:
     rules = [r for r in ATTENTION if _present(cfg, r[0])]
     if moe:
-        rules += MOE
+        rules += [r for r in MOE if _present(cfg, r[0])]
         rules += [(m.format(e=e), tuple(h.format(e=e) for h in _as_tuple(hs)), k)
                   for e in range(cfg.num_experts) for m, hs, k in EXPERT]
     else:
@@ -126,6 +128,17 @@ def _merge(cfg: ModelConfig, e: Entry, ts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([_qkv_groups(cfg, x) for x in ts], dim=1).reshape(-1, *ts[0].shape[1:])
 
 
+def empty_shared_experts(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """HF names and shapes of the zero-size shared-expert weights that transformers' glm4_moe holds
+    (and saves) in every MoE layer when n_shared_experts is 0; Megatron builds no shared expert."""
+    if cfg.num_shared_experts:
+        return {}
+    h = cfg.hidden_size
+    layers = [*range(cfg.first_k_dense, cfg.num_layers), *(cfg.num_layers + j for j in range(cfg.mtp_num_layers))]
+    return {f"model.layers.{i}.mlp.shared_experts.{name}.weight": shape for i in layers
+            for name, shape in (("gate_proj", (0, h)), ("up_proj", (0, h)), ("down_proj", (h, 0)))}
+
+
 def megatron_to_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Whole-model Megatron state dict -> Hugging Face state dict (released checkpoint names)."""
     table = entries(cfg)
@@ -134,6 +147,8 @@ def megatron_to_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[
     for e in table:
         for name, t in zip(e.hf, _split(cfg, e, state[e.megatron])):
             out[name] = t.contiguous()
+    dtype = state[GLOBAL[0][0]].dtype
+    out.update({name: torch.empty(shape, dtype=dtype) for name, shape in empty_shared_experts(cfg).items()})
     return out
 
 
@@ -141,7 +156,8 @@ def hf_to_megatron(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[
     """Hugging Face state dict -> whole-model Megatron state dict."""
     table = entries(cfg)
     mtp_copies = {f"model.layers.{cfg.num_layers + j}.{c}" for j in range(cfg.mtp_num_layers) for c in HF_MTP_COPIES}
-    _check_names({h for e in table for h in e.hf}, set(state.keys()) - mtp_copies, "Hugging Face")
+    empty = {k for k in empty_shared_experts(cfg) if k in state and state[k].numel() == 0}
+    _check_names({h for e in table for h in e.hf}, set(state.keys()) - mtp_copies - empty, "Hugging Face")
     return {e.megatron: _merge(cfg, e, [state[h] for h in e.hf]) for e in table}
 
 
@@ -154,8 +170,9 @@ def _check_names(expected: set[str], present, side: str) -> None:
                        f"{len(unexpected)} unexpected (first: {unexpected[:3]})")
 
 
-def hf_config(cfg: ModelConfig) -> dict:
-    """The `config.json` of the Hugging Face glm4_moe model for this config."""
+def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """The `config.json` of the Hugging Face glm4_moe model for this config, whose weights are
+    written in `dtype`."""
     return {
         "architectures": ["Glm4MoeForCausalLM"],
         "model_type": "glm4_moe",
@@ -187,7 +204,7 @@ def hf_config(cfg: ModelConfig) -> dict:
         "hidden_act": "silu",
         "tie_word_embeddings": False,
         "initializer_range": cfg.init_std,
-        "torch_dtype": "bfloat16",
+        "torch_dtype": str(dtype).removeprefix("torch."),
     }
 
 
@@ -197,6 +214,11 @@ def model_config_from_hf(hf: Mapping, name: str = "hf") -> ModelConfig:
         if hf.get(key, want) != want:
             raise ValueError(f"config.json: {key}={hf[key]!r} is not supported (expected {want!r})")
     rope = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type") or rope.get("type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type != "default":
+        raise ValueError(f"config.json: RoPE scaling {rope_type!r} ({scaling or rope}) is not supported: GLM-4.5's "
+                         f"stages change only the RoPE base (rope_theta); only the default rope type converts")
     return ModelConfig(
         name=name,
         vocab_size=hf["vocab_size"],

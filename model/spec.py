@@ -1,7 +1,12 @@
 """The GLM layer spec: which Megatron-Core module builds each part of a decoder layer.
 
-Two backends give the same numbers: Transformer Engine modules when TE imports (fused norm+linear,
-grouped expert GEMMs), and Megatron-Core's local PyTorch modules otherwise (with our RMSNorm).
+Three implementations (`impl`) give the same numbers:
+- `te`: Transformer Engine modules (fused norm+linear, grouped expert GEMMs, its attention);
+- `torch`: Megatron-Core's local modules with PyTorch's fused attention (`model/attention.py`)
+  and grouped expert GEMMs (`model/experts.py`): the fast path without Transformer Engine;
+- `local`: Megatron-Core's local modules as shipped (unfused attention, experts in a Python
+  loop): the reference the `torch` path is tested against.
+All use our RMSNorm where Megatron's would refuse sequence parallelism.
 """
 
 from __future__ import annotations
@@ -21,7 +26,11 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from model.attention import SDPAttention
+from model.experts import GroupedExperts
 from model.norm import RMSNorm
+
+IMPLS = ("te", "torch", "local")
 
 
 def have_transformer_engine() -> bool:
@@ -41,12 +50,23 @@ class LocalBackend(LocalSpecProvider):
         return RMSNorm
 
 
-def backend_for(use_te: bool):
-    if use_te:
+class TorchBackend(LocalBackend):
+    """The local modules, with PyTorch's fused attention and grouped expert GEMMs."""
+
+    def core_attention(self) -> type:
+        return SDPAttention
+
+    def grouped_mlp_modules(self, moe_use_grouped_gemm: bool, moe_use_legacy_grouped_gemm: bool):
+        _, submodules = super().grouped_mlp_modules(False, False)
+        return GroupedExperts, submodules
+
+
+def backend_for(impl: str):
+    if impl == "te":
         from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
 
         return TESpecProvider()
-    return LocalBackend()
+    return {"torch": TorchBackend, "local": LocalBackend}[impl]()
 
 
 def layer_spec(backend, *, moe: bool, qk_norm: bool, num_experts: int, grouped_gemm: bool) -> ModuleSpec:
@@ -91,9 +111,9 @@ def layer_spec(backend, *, moe: bool, qk_norm: bool, num_experts: int, grouped_g
     )
 
 
-def decoder_specs(config, use_te: bool, first_k_dense: int, layer_ids: list[int]):
+def decoder_specs(config, impl: str, first_k_dense: int, layer_ids: list[int]):
     """Block spec for the given global layer ids (0-based), and the MoE layer spec for MTP."""
-    backend = backend_for(use_te)
+    backend = backend_for(impl)
     kw = dict(qk_norm=config.qk_layernorm, num_experts=config.num_moe_experts,
               grouped_gemm=config.moe_grouped_gemm)
     dense = layer_spec(backend, moe=False, **kw)

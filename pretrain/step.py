@@ -7,15 +7,10 @@ import torch
 
 
 def attention_mask(batch: dict) -> torch.Tensor | None:
-    """None (causal, Megatron's default) for concatenated sequences; for best-fit packing a
-    [b, 1, s, s] mask (True = masked) that keeps each document from seeing the others."""
-    segments = batch.get("segment_ids")
-    if segments is None:
-        return None
-    s = segments.shape[1]
-    causal = torch.ones(s, s, dtype=torch.bool, device=segments.device).tril()
-    same = segments[:, :, None] == segments[:, None, :]
-    return ~(same & causal)[:, None]
+    """None (causal, Megatron's default) for concatenated sequences; for best-fit packing the rows'
+    segment ids [b, s], which every core attention turns into its own document mask
+    (model/attention.py)."""
+    return batch.get("segment_ids")
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

@@ -23,7 +23,7 @@ def logits(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]
     return main, mtp
 
 
-def tiny_in_ddp(parallel, state_path: str):
+def tiny_in_ddp(parallel, state_path: str, impl: str = "local"):
     """(model config, model, Megatron DDP wrapper) of the tiny model on this rank, with the whole-model
     state saved at state_path. Megatron's process groups must exist."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -33,7 +33,7 @@ def tiny_in_ddp(parallel, state_path: str):
     from pretrain.config import compose
 
     cfg = compose(["model=tiny"]).model
-    model = build_model(cfg, parallel, impl="local")
+    model = build_model(cfg, parallel, impl=impl)
     load_whole_state(model, torch.load(state_path))
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
     return cfg, model, ddp

@@ -10,8 +10,16 @@ pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("distributed")]
 SEQ, BATCH = 32, 2
 
 
-def _step(rank, parallel_kw, state_path):
-    """One forward/backward of the tiny model through Megatron's DDP; returns (loss, whole grads)."""
+def packed_segments(rows: int, seq: int) -> torch.Tensor:
+    """Segment ids of best-fit packed rows: documents of several lengths, padding (0) at the end."""
+    seg = torch.ones(rows, seq, dtype=torch.long)
+    seg[0, seq // 4:seq // 2], seg[0, seq // 2:seq - 3], seg[0, seq - 3:] = 2, 3, 0
+    return seg
+
+
+def _step(rank, parallel_kw, state_path, impl="local"):
+    """One forward/backward of the tiny model through Megatron's DDP on packed rows; returns (loss,
+    whole grads)."""
     warnings.filterwarnings("ignore")
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import finalize_model_grads
@@ -23,11 +31,12 @@ def _step(rank, parallel_kw, state_path):
     parallel = ParallelConfig(**parallel_kw)
     init_distributed(parallel)
     try:
-        cfg, model, ddp = tiny_in_ddp(parallel, state_path)
+        cfg, model, ddp = tiny_in_ddp(parallel, state_path, impl)
         ids = torch.randint(0, cfg.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(7))
-        ids = data_parallel_share(ids)  # each data-parallel replica takes its share of the batch
+        # each data-parallel replica takes its share of the batch
+        ids, segments = data_parallel_share(ids), data_parallel_share(packed_segments(BATCH, SEQ))
         dp = ps.get_data_parallel_world_size()
-        loss = ddp(ids, positions(ids), None, labels=ids).mean()
+        loss = ddp(ids, positions(ids), segments, labels=ids).mean()
         loss.backward()
         finalize_model_grads([ddp])
         total = loss.detach().clone()
@@ -67,14 +76,17 @@ def _random_state():
     return state
 
 
+@pytest.mark.parametrize("impl", ["local", "torch"])
 @pytest.mark.parametrize("layout", [{"expert": 2}, {"tensor": 2}, {"tensor": 2, "expert": 2}],
                          ids=["EP2", "TP2+SP", "TP2+SP+EP2"])
-def test_same_loss_and_gradients_as_one_process(reference, tmp_path, layout):
+def test_same_loss_and_gradients_as_one_process(reference, tmp_path, layout, impl):
+    """Megatron's local modules or the fast PyTorch path (SDPA, grouped experts) under tensor and
+    expert parallelism, against one process on Megatron's local modules."""
     from tests import spawn
 
     state_path, (ref_loss, ref_grads) = reference
     world = 2
-    results = spawn.run(_step, world, layout, state_path, out_dir=str(tmp_path))
+    results = spawn.run(_step, world, layout, state_path, impl, out_dir=str(tmp_path))
     for rank, (loss, grads) in enumerate(results):
         assert loss == pytest.approx(ref_loss, rel=1e-5, abs=1e-6), f"rank {rank}"
         assert grads.keys() == ref_grads.keys()
