@@ -29,7 +29,7 @@ main fields (any field of any group can be overridden with Hydra syntax):
                 (uneven pipeline split; unset = chosen so the output/MTP stage is not the slowest)
   optim=muon|adamw  optim.lr=2.5e-4  optim.weight_decay=0.1  optim.clip_grad=1.0
   train.micro_batch_size  train.global_batch_tokens  train.batch_start_tokens  train.batch_ramp_tokens
-  train.lr_warmup_tokens  train.lr_min  train.dtype=auto|bf16|fp32  train.max_steps
+  train.lr_warmup_tokens  train.lr_min  train.dtype=auto|bf16|fp32  train.impl=auto|torch|te|local  train.max_steps
   train.log_every  train.save_every  train.keep_last  train.eval_every  train.eval_batches
   stages.<name>.tokens / .data / .seq_length / .packing / .rope_theta / .expert_bias_update_rate
                 / .mtp_loss_weight / .recompute

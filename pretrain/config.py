@@ -52,6 +52,10 @@ class TrainConfig:
     lr_warmup_tokens: float = 2e9
     lr_min: float = 2.5e-5
     dtype: str = "auto"  # bf16 | fp32 | auto (bf16 on a GPU that has it, fp32 on CPU)
+    # Layer implementation (model/spec.py): te (Transformer Engine), torch (PyTorch's fused
+    # attention and grouped expert GEMMs), local (Megatron's unfused modules, the reference), or
+    # auto (te on a GPU where it imports, torch otherwise).
+    impl: str = "auto"
     seed: int = 1234
     log_every: int = 1  # steps between console lines and TensorBoard points
     eval_every: int = 0  # steps between validations (0: never)
@@ -104,6 +108,8 @@ class Config:
             raise ConfigError(f"{where}: train.lr_min={t.lr_min} exceeds optim.lr={self.optim.lr}")
         if t.dtype not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"{where}: train.dtype={t.dtype!r} must be auto, bf16 or fp32")
+        if t.impl not in ("auto", "te", "torch", "local"):
+            raise ConfigError(f"{where}: train.impl={t.impl!r} must be auto, te, torch or local")
         if t.eval_every and not self.data.holdout_shards:
             raise ConfigError(f"{where}: train.eval_every={t.eval_every} needs held-out data: set "
                               "data.holdout_shards (the last N shards of every source, never trained on)")

@@ -122,7 +122,7 @@ class Trainer:
         self.dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
         self.dtype = model_dtype(cfg.train.dtype)
         # this rank's model chunks: one, or one per virtual pipeline stage (interleaved schedule)
-        self.chunks = build_chunks(cfg.model, cfg.parallel, dtype=self.dtype)
+        self.chunks = build_chunks(cfg.model, cfg.parallel, dtype=self.dtype, impl=cfg.train.impl)
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False)
         self.ddp = [DistributedDataParallel(c.config, ddp_config, c) for c in self.chunks]
         self.load = ExpertLoad(self.chunks)
@@ -382,10 +382,14 @@ def preflight(cfg: Config) -> None:
                 f"gives {fewest} micro-batch(es) per data-parallel replica at sequence length {seq}; the "
                 f"interleaved schedule (parallel.virtual_stages={p.virtual_stages}) needs at least "
                 f"parallel.pipeline={p.pipeline}")
-    if cfg.parallel.context > 1 and not have_transformer_engine():
+    if t.impl == "te" and not have_transformer_engine():
+        raise ConfigError(f"{cfg.sources.get('train', 'train')}: train.impl=te but transformer_engine does not "
+                          "import here: use train.impl=auto (the fused PyTorch path) or torch")
+    if cfg.parallel.context > 1 and (not have_transformer_engine() or t.impl in ("torch", "local")):
         raise ConfigError(f"{cfg.sources.get('parallel', 'parallel')}: parallel.context={cfg.parallel.context} "
-                          "needs Transformer Engine (Megatron-Core's context-parallel attention is TE's); "
-                          "it is not installed here: use parallel.context=1")
+                          f"needs Transformer Engine's attention (train.impl=auto or te, with TE installed; "
+                          f"here train.impl={t.impl}, TE {'present' if have_transformer_engine() else 'absent'}): "
+                          "use parallel.context=1")
 
     for name, data in cfg.stage_data.items():
         try:

@@ -589,7 +589,7 @@ def test_checkpoints_move_between_pipeline_layouts(uninterrupted, data_root, tmp
             assert got[name][step] == pytest.approx(want[name][step], rel=1e-4, abs=1e-6), (name, step)
 
 
-def test_launch_world_size_and_interleaved_micro_batches_are_checked_before_starting(data_root, monkeypatch):
+def test_launch_layout_micro_batches_and_impl_are_checked_before_starting(data_root, monkeypatch):
     from model.config import ConfigError
     from pretrain.config import compose
     from pretrain.train import preflight
@@ -604,6 +604,11 @@ def test_launch_world_size_and_interleaved_micro_batches_are_checked_before_star
     with pytest.raises(ConfigError, match=r"experiment/tiny.yaml: train.batch_start_tokens=256 gives 1 micro-batch"
                                           r".*needs at least parallel.pipeline=2"):
         preflight(compose([*vp, "train.batch_start_tokens=256"]))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ConfigError, match=r"train.impl=te but transformer_engine does not import"):
+        preflight(compose(["experiment=tiny", "train.impl=te"]))
+    with pytest.raises(ConfigError, match=r"train.impl='fast' must be auto, te, torch or local"):
+        preflight(compose(["experiment=tiny", "train.impl=fast"]))
 
 
 def test_skipped_bad_data_reaches_tensorboard_and_the_log(data_root, tmp_path):
