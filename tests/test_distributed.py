@@ -77,8 +77,9 @@ def _random_state():
 
 
 @pytest.mark.parametrize("impl", ["local", "torch"])
-@pytest.mark.parametrize("layout", [{"expert": 2}, {"tensor": 2}, {"tensor": 2, "expert": 2}],
-                         ids=["EP2", "TP2+SP", "TP2+SP+EP2"])
+@pytest.mark.parametrize("layout", [{"expert": 2}, {"tensor": 2}, {"tensor": 2, "expert": 2},
+                                    {"tensor": 2, "expert_tensor": 2}],
+                         ids=["EP2", "TP2+SP", "TP2+SP+EP2", "TP2+SP+ETP2"])
 def test_same_loss_and_gradients_as_one_process(reference, tmp_path, layout, impl):
     """Megatron's local modules or the fast PyTorch path (SDPA, grouped experts) under tensor and
     expert parallelism, against one process on Megatron's local modules."""

@@ -238,3 +238,19 @@ def test_expert_weights_stay_views_of_one_tensor_through_training(world1):
     ref = expert.linear_fc2.weight @ (torch.nn.functional.silu(x @ expert.linear_fc1.weight[:32].T)
                                       * (x @ expert.linear_fc1.weight[32:].T)).T
     torch.testing.assert_close(out, ref.T)
+
+
+def test_fused_cross_entropy_only_where_the_logits_are_bf16(monkeypatch):
+    """Megatron's native fused cross-entropy hands back the logits' gradient in bf16 whatever their
+    dtype (measured: 0.18% relative error against the unfused loss on fp32 logits), so the fast
+    path uses it on GPUs in bf16 only; Megatron's modules (`local`) never."""
+    from model.build import transformer_config
+    from model.config import ParallelConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    m = compose(["model=tiny"]).model
+    fused = {(impl, dtype): transformer_config(m, ParallelConfig(), dtype=dtype, impl=impl,
+                                               initialize=False).cross_entropy_loss_fusion
+             for impl in ("torch", "local") for dtype in (torch.float32, torch.bfloat16)}
+    assert fused == {("torch", torch.float32): False, ("torch", torch.bfloat16): True,
+                     ("local", torch.float32): False, ("local", torch.bfloat16): False}
