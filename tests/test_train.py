@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -206,6 +207,49 @@ def test_sigkill_loses_only_the_steps_since_the_last_checkpoint(uninterrupted, d
     # keep_last=2: only the newest two complete checkpoints remain, and no temporary directory
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert names == ["latest", "step-00000025", f"step-{TINY_STEPS:08d}"]
+
+
+def test_sigkill_in_the_middle_of_a_save_keeps_latest_and_resumes_exactly(uninterrupted, data_root, tmp_path):
+    """A real SIGKILL to the whole run while it writes the step-10 checkpoint (tensor data in its
+    temporary directory, the checkpoint not complete): `latest` still names step 5, the resumed run
+    starts there and ends bit-identical to the uninterrupted one, and the torn save is cleared."""
+    ref_dir, _ = uninterrupted
+    run_dir = tmp_path / "run"
+    ckpts = run_dir / "checkpoints"
+    torn, done = ckpts / ".tmp-step-00000010", ckpts / "step-00000010"
+    p = subprocess.Popen(_command(run_dir, "train.save_every=5"), env=_env(data_root), cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        def writing() -> bool:  # the writer has put tensor data on disk (the metadata comes last)
+            try:
+                return any(f.suffix == ".distcp" for f in torn.iterdir())
+            except FileNotFoundError:
+                assert not done.exists(), "the save of step 10 finished before the kill"
+                return False
+
+        while not writing():
+            assert p.poll() is None, f"the run ended (exit {p.returncode}) before it saved step 10"
+            assert time.monotonic() < deadline, "no save of step 10 within 600 s"
+            time.sleep(0.0005)
+        os.killpg(p.pid, signal.SIGKILL)
+        assert p.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert torn.is_dir() and not done.exists(), "the kill did not land inside the save"
+    assert (ckpts / "latest").read_text().strip() == "step-00000005"
+    out = _run(data_root, run_dir, "train.save_every=5")
+    assert f"resumed from {ckpts / 'step-00000005'}" in out
+    assert not torn.exists()
+    want, got = scalars(ref_dir), scalars(run_dir)
+    assert got["lm loss"] == want["lm loss"] and got["params-norm"] == want["params-norm"]
+    ref, resumed = final_model(ref_dir), final_model(run_dir)
+    assert ref.keys() == resumed.keys() and ref
+    for k in ref:
+        assert torch.equal(ref[k], resumed[k]), k
 
 
 def test_timer_stops_the_run_like_a_signal(data_root, tmp_path):
