@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 HELP = """\
-usage: glm-pretrain experiment=NAME [field=value ...]
+usage: glm-pretrain experiment=NAME [field=value ...] [--print-config]
 
 Train a deep-narrow GLM-4.5-family MoE model on Megatron-Core. The run directory (run.dir) holds
 the resolved config, TensorBoard events (tensorboard/), checkpoints (checkpoints/, `latest` names
@@ -36,6 +36,9 @@ main fields (any field of any group can be overridden with Hydra syntax):
   data.num_workers  data.on_error=fail|skip  data.max_skip_fraction  data.holdout_shards
                 (loader settings, every stage)
   run.dir=outputs/runs/NAME  run.exit_after_minutes=0
+
+--print-config: print the resolved config (checked against WORLD_SIZE when set) and exit; nothing
+    is started or opened (the Slurm launchers' DRY_RUN=1 uses it).
 
 exit codes: 0 finished; 75 stopped early on SIGTERM / SIGUSR1 / run.exit_after_minutes with a
 checkpoint saved (start it again to resume); 1 an error; 2 a bad config.
@@ -64,13 +67,17 @@ def _setup_logging(run_dir: Path, rank: int) -> None:
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its DDP lists every bucket's parameters
 
 
-def _save_config(cfg, run_dir: Path) -> None:
+def _config_yaml(cfg) -> str:
     import dataclasses
 
     from omegaconf import OmegaConf
 
     plain = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "sources"}
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(plain)))
+    return OmegaConf.to_yaml(OmegaConf.create(plain))
+
+
+def _save_config(cfg, run_dir: Path) -> None:
+    (run_dir / "config.yaml").write_text(_config_yaml(cfg))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,10 +93,17 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_megatron_warnings()
     rank = int(os.environ.get("RANK", slurm_environment().get("RANK", 0)))
+    print_only = "--print-config" in argv
+    argv = [a for a in argv if a != "--print-config"]
     try:
         cfg = compose(argv)
         if not cfg.experiment:
             raise ConfigError("no experiment chosen: add experiment=NAME (glm-pretrain --help lists them)")
+        if print_only:  # the launchers' dry run: checked against the launch's size, nothing opened
+            world = os.environ.get("WORLD_SIZE")
+            cfg.validate(world_size=int(world) if world else None)
+            print(_config_yaml(cfg), end="")
+            return 0
         from pretrain.train import preflight
 
         preflight(cfg)

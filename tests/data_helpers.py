@@ -58,3 +58,11 @@ def docs_in(batches: list[dict], key: str = "tokens") -> list[int]:
             if t:
                 seen.setdefault(t, None)
     return list(seen)
+
+
+def tiny_corpus(root: Path) -> Path:
+    """The `tiny` experiment's two sources (general prose, code) under root/tiny, as its data
+    configs expect them with GLM_DATA_ROOT=root."""
+    synthetic(root / "tiny" / "general", "general", 200, 1, doc_len=(20, 120), vocab=512)
+    synthetic(root / "tiny" / "code", "code", 200, 256, doc_len=(20, 120), vocab=512, seed=1)
+    return root

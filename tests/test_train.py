@@ -64,12 +64,9 @@ def test_slurm_environment_gives_rank_world_and_master():
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
-    from tests.data_helpers import synthetic
+    from tests.data_helpers import tiny_corpus
 
-    root = tmp_path_factory.mktemp("data")
-    synthetic(root / "tiny" / "general", "general", 200, 1, doc_len=(20, 120), vocab=512)
-    synthetic(root / "tiny" / "code", "code", 200, 256, doc_len=(20, 120), vocab=512, seed=1)
-    return root
+    return tiny_corpus(tmp_path_factory.mktemp("data"))
 
 
 def _command(run_dir: Path, *overrides: str, nproc: int = 1) -> list[str]:

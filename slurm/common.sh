@@ -1,0 +1,118 @@
+# Shared by the sbatch launchers beside this file (sourced, not run). Every setting below comes
+# from the environment (`VAR=... sbatch ...` or `sbatch --export=ALL,VAR=...`); the arguments of
+# the sbatch script itself are Hydra overrides for glm-pretrain.
+#
+#   RUN_DIR          run directory: checkpoints, TensorBoard, log.txt, logs/ (default outputs/runs/<experiment>)
+#   EXPERIMENT       configs/experiment member (each launcher sets its own; smoke.sbatch lets you change it)
+#   TASKS_PER_NODE   processes per node, one per GPU (default: the job's --ntasks-per-node)
+#   CONTAINER_IMAGE  pyxis/enroot image: srun runs inside it (the job's plain environment when unset)
+#   CONTAINER_MOUNTS pyxis --container-mounts, e.g. /lustre:/lustre (default: the repository and RUN_DIR)
+#   PYTHON           interpreter inside the job (default python3)
+#   MAX_FAILURES     requeues after a failed run before giving up (default 2); a preemption or time
+#                    limit (exit 75 after a checkpoint) always requeues
+#   WAIT_S           seconds the other ranks get after the first one exits (default 120)
+#   DRY_RUN=1        print the srun command line, the environment and the resolved config, launch nothing
+#
+# The run itself: glm-pretrain saves and exits 75 on SIGUSR1/SIGTERM (the header's --signal asks
+# Slurm for USR1 before the time limit), and resumes from RUN_DIR's `latest` when started again.
+
+GLM_REPO=${GLM_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
+EXIT_RESUME=75
+
+# What Megatron-Core and NCCL need, in one place.
+# - One hardware queue per device: Megatron orders tensor/sequence-parallel communication against
+#   compute through the stream order, which several queues would break.
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+# - A rank whose collective fails or times out aborts the job instead of hanging it.
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+# - Data-loader workers and CPU ops: the node's cores are shared by its tasks.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+export PYTHONPATH="$GLM_REPO${PYTHONPATH:+:$PYTHONPATH}"  # the packages, installed or not
+
+_glm_header() {  # _glm_header SCRIPT OPTION DEFAULT: the value of "#SBATCH --OPTION=VALUE" in SCRIPT
+    local value
+    value=$(sed -n "s/^#SBATCH --$2=\([^ ]*\).*/\1/p" "$1" 2>/dev/null | head -1)
+    echo "${value:-$3}"
+}
+
+glm_launch() {  # glm_launch EXPERIMENT [hydra overrides...]
+    local experiment=$1
+    shift
+    local run_dir
+    run_dir=$(realpath -m "${RUN_DIR:-outputs/runs/$experiment}")
+    # inside a job: what Slurm gave it; outside (a dry run): the launcher's #SBATCH header
+    local script=${BASH_SOURCE[1]:-}
+    local nodes=${SLURM_JOB_NUM_NODES:-$(_glm_header "$script" nodes 1)}
+    local per_node=${TASKS_PER_NODE:-${SLURM_NTASKS_PER_NODE:-$(_glm_header "$script" ntasks-per-node 1)}}
+    per_node=${per_node%%(*}  # Slurm writes "8(x2)" for repeated counts
+    local restart=${SLURM_RESTART_COUNT:-0}
+    local logs="$run_dir/logs/job-${SLURM_JOB_ID:-dry}-restart-$restart"
+    # Every rank exits by itself when the run ends or stops early (75, with a checkpoint), within
+    # seconds of each other; --kill-on-bad-exit would take exit 75 for a failure and kill the ranks
+    # still closing down. A rank that dies leaves the others in a collective: they are ended
+    # WAIT_S seconds after the first task exits (NCCL's own timeout is longer).
+    local cmd=(srun --nodes="$nodes" --ntasks-per-node="$per_node" --kill-on-bad-exit=0
+               --wait="${WAIT_S:-120}" --output="$logs/task-%t.log")
+    if [[ -n ${CONTAINER_IMAGE:-} ]]; then
+        cmd+=(--container-image="$CONTAINER_IMAGE"
+              --container-mounts="${CONTAINER_MOUNTS:-$GLM_REPO:$GLM_REPO,$(dirname "$(realpath -m "$run_dir")"):$(dirname "$(realpath -m "$run_dir")")}"
+              --container-workdir="$GLM_REPO")
+    fi
+    cmd+=("${PYTHON:-python3}" -m pretrain "experiment=$experiment" "run.dir=$run_dir" "$@")
+
+    if [[ ${DRY_RUN:-0} == 1 ]]; then
+        echo "# srun command line ($nodes node(s) x $per_node task(s)):"
+        printf '%q ' "${cmd[@]}"
+        echo
+        echo "# environment:"
+        env | grep -E '^(CUDA_DEVICE_MAX_CONNECTIONS|TORCH_NCCL_ASYNC_ERROR_HANDLING|NCCL_DEBUG|OMP_NUM_THREADS|CONTAINER_IMAGE|CONTAINER_MOUNTS)=' | sort
+        echo "# resolved config (glm-pretrain --print-config, world size $((nodes * per_node))):"
+        (cd "$GLM_REPO" && WORLD_SIZE=$((nodes * per_node)) "${PYTHON:-python3}" -m pretrain \
+            "experiment=$experiment" "run.dir=$run_dir" "$@" --print-config)
+        return $?
+    fi
+
+    mkdir -p "$logs"
+    echo "job ${SLURM_JOB_ID:-?} (restart $restart) on $nodes node(s) x $per_node task(s); logs in $logs"
+    # in the background, so that this shell can still run its traps while the step runs
+    "${cmd[@]}" &
+    wait $!
+    local code=$?
+    glm_after_run "$code" "$run_dir"
+}
+
+glm_after_run() {  # what the job does once its run ended: finish, requeue, or give up
+    local code=$1 run_dir=$2
+    local failures_file="$run_dir/logs/failures"
+    if [[ $code == 0 ]]; then
+        echo "run finished (exit 0)"
+        return 0
+    fi
+    if [[ $code == "$EXIT_RESUME" ]]; then
+        echo "run stopped early with a checkpoint (exit $EXIT_RESUME): requeueing job $SLURM_JOB_ID to resume"
+        scontrol requeue "$SLURM_JOB_ID"
+        return 0
+    fi
+    if [[ $code == 2 ]]; then
+        echo "bad config or bad data (exit 2): not requeued; see the log above" >&2
+        return 2
+    fi
+    # failures in a row without a new checkpoint in between: a run that keeps failing at the same
+    # place stops; one that fails now and then but moves on does not
+    local latest failures=1 seen="" count=0
+    latest=$(cat "$run_dir/checkpoints/latest" 2>/dev/null || echo none)
+    [[ -f $failures_file ]] && read -r count seen < "$failures_file"
+    [[ $seen == "$latest" ]] && failures=$(( ${count:-0} + 1 ))
+    echo "$failures $latest" > "$failures_file"
+    if (( failures > ${MAX_FAILURES:-2} )); then
+        echo "run failed (exit $code) $failures times in a row at checkpoint $latest: giving up" \
+             "(MAX_FAILURES=${MAX_FAILURES:-2}; the count is in $failures_file)" >&2
+        return "$code"
+    fi
+    echo "run failed (exit $code), $failures time(s) in a row at checkpoint $latest (at most" \
+         "MAX_FAILURES=${MAX_FAILURES:-2} requeues): requeueing job $SLURM_JOB_ID to resume from it" >&2
+    scontrol requeue "$SLURM_JOB_ID"
+    return 0
+}

@@ -1,0 +1,169 @@
+"""The sbatch launchers: a dry run without Slurm, the failure bound, and two jobs under a real
+single-node Slurm (tests/slurm_cluster.py): the smoke launcher on the tiny experiment with two CPU
+tasks runs to the end, and a job sent the preemption signal mid-run saves, requeues itself,
+resumes and ends with the same losses."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests import slurm_cluster
+from tests.test_train import TINY_STEPS, scalars
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]
+
+
+def _plain_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")
+           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    return {**env, "PYTHONPATH": str(ROOT), **extra}
+
+
+def test_dry_run_prints_the_launch_without_slurm(tmp_path):
+    """DRY_RUN=1 outside a job, with no Slurm command on PATH: the srun line from the script's
+    header (16 nodes x 8 tasks for GLM-4.5), the container flags, the environment, and the config
+    resolved and checked against 128 processes."""
+    bin_dir = tmp_path / "bin"  # only the tools the launcher needs, none of Slurm's
+    bin_dir.mkdir()
+    for tool in ("bash", "sed", "dirname", "realpath", "env", "grep", "sort", "head", "cat", "mkdir"):
+        os.symlink(shutil.which(tool), bin_dir / tool)
+    env = _plain_env(DRY_RUN="1", PATH=str(bin_dir), PYTHON=sys.executable, RUN_DIR=str(tmp_path / "run"),
+                     CONTAINER_IMAGE="nvcr.io#nvidia/pytorch:25.01-py3")
+    p = subprocess.run(["bash", "slurm/glm45.sbatch", "train.micro_batch_size=2"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = p.stdout
+    assert "srun --nodes=16 --ntasks-per-node=8 --kill-on-bad-exit=0 --wait=120" in out
+    assert "--container-image=nvcr.io#nvidia/pytorch:25.01-py3" in out and "--container-mounts=" in out
+    assert f"-m pretrain experiment=glm45 run.dir={tmp_path / 'run'} train.micro_batch_size=2" in out
+    assert "CUDA_DEVICE_MAX_CONNECTIONS=1" in out and "world size 128" in out
+    assert "micro_batch_size: 2" in out and "pipeline: 8" in out and "expert: 16" in out
+    assert not (tmp_path / "run").exists(), "a dry run created the run directory"
+
+    env["RUN_DIR"] = str(tmp_path / "run")
+    p = subprocess.run(["bash", "slurm/glm45_air.sbatch", "parallel.expert=7"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "parallel.expert=7 does not divide model.num_experts=128" in p.stderr
+
+
+def test_failed_runs_requeue_a_bounded_number_of_times(tmp_path):
+    """The job script's decision after its run, with srun and scontrol stood in for: a run that keeps
+    failing at the same checkpoint is requeued MAX_FAILURES times and then given up; a new checkpoint
+    in between starts the count again; exit 75 always requeues; a bad config never."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/bash\nexit $FAKE_EXIT\n")
+    (bin_dir / "scontrol").write_text(f"#!/bin/bash\necho \"$*\" >> {tmp_path}/scontrol.calls\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "latest").write_text("step-00000005\n")
+
+    def job(code: int) -> subprocess.CompletedProcess:
+        env = _plain_env(PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_EXIT=str(code), RUN_DIR=str(run_dir),
+                         SLURM_JOB_ID="42", SLURM_JOB_NUM_NODES="1", SLURM_NTASKS_PER_NODE="2", MAX_FAILURES="2",
+                         GLM_REPO=str(ROOT))
+        return subprocess.run(["bash", "slurm/smoke.sbatch"], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=60)
+
+    def requeues() -> int:
+        calls = tmp_path / "scontrol.calls"
+        return calls.read_text().count("requeue 42") if calls.exists() else 0
+
+    assert job(1).returncode == 0 and job(1).returncode == 0 and requeues() == 2
+    last = job(1)
+    assert last.returncode == 1 and requeues() == 2
+    assert "3 times in a row at checkpoint step-00000005: giving up" in last.stderr
+    (run_dir / "checkpoints" / "latest").write_text("step-00000010\n")  # progress: counting starts again
+    assert job(1).returncode == 0 and requeues() == 3
+    assert job(75).returncode == 0 and requeues() == 4
+    bad = job(2)
+    assert bad.returncode == 2 and requeues() == 4 and "not requeued" in bad.stderr
+
+
+# ---- under a real Slurm ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    try:
+        c = slurm_cluster.start(tmp_path_factory.mktemp("slurm"))
+    except slurm_cluster.Unavailable as e:
+        pytest.skip(f"no local Slurm: {e}")
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from tests.data_helpers import tiny_corpus
+
+    return tiny_corpus(tmp_path_factory.mktemp("data"))
+
+
+def _submit(cluster, corpus, run_dir: Path, *overrides: str) -> str:
+    env = {"EXPERIMENT": "tiny", "RUN_DIR": str(run_dir), "PYTHON": sys.executable, "GLM_DATA_ROOT": str(corpus),
+           "PYTHONPATH": str(ROOT)}
+    p = cluster.run("sbatch", "--parsable", "-n", "2", "--ntasks-per-node=2", "--cpus-per-task=1",
+                    str(ROOT / "slurm" / "smoke.sbatch"), *overrides, env=env, cwd=run_dir.parent)
+    return p.stdout.strip().split(";")[0]
+
+
+def _job_output(run_dir: Path, job_id: str) -> str:
+    out = run_dir.parent / f"glm-smoke-{job_id}.out"
+    logs = sorted((run_dir / "logs").glob("job-*/task-0.log")) if (run_dir / "logs").exists() else []
+    return "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in [out, *logs] if p.exists())
+
+
+@pytest.fixture(scope="module")
+def smoke_job(cluster, corpus, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("jobs") / "smoke"
+    job_id = _submit(cluster, corpus, run_dir)
+    info = cluster.wait_for(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=600)
+    assert info["JobState"] == "COMPLETED", _job_output(run_dir, job_id)
+    return run_dir, job_id
+
+
+def test_smoke_launcher_runs_to_the_end_under_slurm(smoke_job):
+    run_dir, job_id = smoke_job
+    ckpts = run_dir / "checkpoints"
+    latest = ckpts / (ckpts / "latest").read_text().strip()
+    steps = max(scalars(run_dir)["lm loss"])  # two data-parallel ranks: the batch ramp in steps of 2 sequences
+    assert TINY_STEPS <= steps <= TINY_STEPS + 2 and f"done: step {steps}," in (run_dir / "log.txt").read_text()
+    assert latest.name == f"step-{steps:08d}" and (latest / "meta.json").is_file()
+    assert json.loads((latest / "meta.json").read_text())["world_size"] == 2
+    task_logs = sorted((run_dir / "logs" / f"job-{job_id}-restart-0").glob("task-*.log"))
+    assert [p.name for p in task_logs] == ["task-0.log", "task-1.log"]
+    assert "run finished (exit 0)" in (run_dir.parent / f"glm-smoke-{job_id}.out").read_text()
+
+
+def test_preempted_job_saves_requeues_itself_and_resumes_exactly(cluster, corpus, smoke_job, tmp_path):
+    """USR1 to the job's tasks mid-run (what `--signal=USR1@N` does before a time limit): the run
+    saves and exits 75, the job requeues itself, Slurm starts it again (about 2 minutes later), it
+    resumes from `latest` and ends with the uninterrupted job's losses at every step."""
+    ref_dir, _ = smoke_job
+    run_dir = tmp_path / "preempted"
+    job_id = _submit(cluster, corpus, run_dir)
+    log = run_dir / "log.txt"
+    deadline = time.monotonic() + 300
+    while not (log.exists() and "step      8 " in log.read_text()):
+        assert time.monotonic() < deadline and cluster.job(job_id).get("JobState") in ("PENDING", "RUNNING"), \
+            _job_output(run_dir, job_id)
+        time.sleep(0.5)
+    cluster.run("scancel", "--signal=USR1", job_id)
+    info = cluster.wait_for(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=600)
+    out = _job_output(run_dir, job_id)
+    assert info["JobState"] == "COMPLETED" and info.get("Restarts") == "1", out
+    assert "exit 75): requeueing job" in out and "resumed from" in log.read_text(), out
+    assert (run_dir / "logs" / f"job-{job_id}-restart-1" / "task-0.log").is_file()
+    want, got = scalars(ref_dir), scalars(run_dir)
+    assert got["lm loss"] == want["lm loss"] and got["params-norm"] == want["params-norm"]
