@@ -37,6 +37,24 @@ _glm_header() {  # _glm_header SCRIPT OPTION DEFAULT: the value of "#SBATCH --OP
     echo "${value:-$3}"
 }
 
+_glm_free_port() {  # a port free on this node (the job's first: rank 0's), below the ephemeral range
+    python3 - <<'PY'
+import random, socket
+try:
+    high = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+except (OSError, ValueError):
+    high = 32768
+for port in random.sample(range(20000, high), 64):
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            continue
+        print(port)
+        break
+PY
+}
+
 glm_launch() {  # glm_launch EXPERIMENT [hydra overrides...]
     local experiment=$1
     shift
@@ -74,6 +92,12 @@ glm_launch() {  # glm_launch EXPERIMENT [hydra overrides...]
         return $?
     fi
 
+    # Each task's rank comes from Slurm (SLURM_PROCID ...): whatever a launching shell had set (a
+    # torchrun, an interactive session) must not reach the tasks. The rendezvous is the job's first
+    # node (where this script runs) on a port free there, picked again at every (re)start.
+    unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE MASTER_ADDR
+    export MASTER_PORT
+    MASTER_PORT=$(_glm_free_port)
     mkdir -p "$logs"
     echo "job ${SLURM_JOB_ID:-?} (restart $restart) on $nodes node(s) x $per_node task(s); logs in $logs"
     # in the background, so that this shell can still run its traps while the step runs

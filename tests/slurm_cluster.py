@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
+_WORLD = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 class Unavailable(RuntimeError):
@@ -125,7 +126,8 @@ def start(tmp: Path) -> Cluster:
             f"SlurmctldLogFile={tmp / 'slurmctld.log'}", f"SlurmdLogFile={tmp / 'slurmd.log'}",
             f"NodeName={host} CPUs={os.cpu_count()} RealMemory={real_memory} State=UNKNOWN",
             "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP", ""]))
-        cluster.env = {**os.environ, "SLURM_CONF": str(cluster.conf)}
+        # not this test process's own torch.distributed world (a fixture may have set one up)
+        cluster.env = {**{k: v for k, v in os.environ.items() if k not in _WORLD}, "SLURM_CONF": str(cluster.conf)}
         for daemon in ("slurmctld", "slurmd"):
             cluster.procs.append(subprocess.Popen([daemon, "-D", "-f", str(cluster.conf)], env=cluster.env,
                                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -110,9 +111,9 @@ def corpus(tmp_path_factory):
     return tiny_corpus(tmp_path_factory.mktemp("data"))
 
 
-def _submit(cluster, corpus, run_dir: Path, *overrides: str) -> str:
+def _submit(cluster, corpus, run_dir: Path, *overrides: str, **env_extra: str) -> str:
     env = {"EXPERIMENT": "tiny", "RUN_DIR": str(run_dir), "PYTHON": sys.executable, "GLM_DATA_ROOT": str(corpus),
-           "PYTHONPATH": str(ROOT)}
+           "PYTHONPATH": str(ROOT), **env_extra}
     p = cluster.run("sbatch", "--parsable", "-n", "2", "--ntasks-per-node=2", "--cpus-per-task=1",
                     str(ROOT / "slurm" / "smoke.sbatch"), *overrides, env=env, cwd=run_dir.parent)
     return p.stdout.strip().split(";")[0]
@@ -127,8 +128,16 @@ def _job_output(run_dir: Path, job_id: str) -> str:
 @pytest.fixture(scope="module")
 def smoke_job(cluster, corpus, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("jobs") / "smoke"
-    job_id = _submit(cluster, corpus, run_dir)
-    info = cluster.wait_for(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=600)
+    # submitted from a shell that holds another torch.distributed world's variables (a port in use,
+    # an address that routes nowhere): the launcher must give the tasks Slurm's ranks and its own
+    # rendezvous instead
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        stale = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="203.0.113.1",
+                     MASTER_PORT=str(taken.getsockname()[1]))
+        job_id = _submit(cluster, corpus, run_dir, **stale)
+        info = cluster.wait_for(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=600)
     assert info["JobState"] == "COMPLETED", _job_output(run_dir, job_id)
     return run_dir, job_id
 
