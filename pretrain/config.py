@@ -168,13 +168,17 @@ def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None,
         GlobalHydra.instance().clear()
     choices = cfg.hydra.runtime.choices
     out = Config()
-    for group, schema in SCHEMAS.items():
-        source = str(config_dir / group / f"{choices.get(group)}.yaml") if choices.get(group) else group
-        out.sources[group] = source
-        setattr(out, group, to_schema(schema, cfg.get(group, {}), source, group))
     out.experiment = choices.get("experiment") or ""
     where = str(config_dir / "experiment" / f"{out.experiment}.yaml") if out.experiment else "config"
     out.sources["experiment"] = where
+    # groups whose fields the experiment file sets too: a bad value may come from either file
+    overridden = set(OmegaConf.load(where).keys()) if out.experiment else set()
+    for group, schema in SCHEMAS.items():
+        source = str(config_dir / group / f"{choices.get(group)}.yaml") if choices.get(group) else group
+        if group in overridden:
+            source = f"{where} (over {source})"
+        out.sources[group] = source
+        setattr(out, group, to_schema(schema, cfg.get(group, {}), source, group))
     out.train = to_schema(TrainConfig, cfg.get("train", {}), where, "train")
     out.run = to_schema(RunConfig, cfg.get("run", {}), where, "run")
     for name, raw in (cfg.get("stages") or {}).items():

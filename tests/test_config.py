@@ -62,6 +62,15 @@ def test_bad_config_fails_naming_file_field_and_value(overrides, message):
         compose(overrides)
 
 
+def test_a_layout_set_by_the_experiment_is_blamed_on_the_experiment_file():
+    """glm45's layout lives in configs/experiment/glm45.yaml, over the parallel group's file: an error
+    about it names both, the experiment first; a group the experiment leaves alone names its own."""
+    cfg = compose(["experiment=glm45"])
+    with pytest.raises(ConfigError, match=r"experiment/glm45.yaml \(over .*parallel/single.yaml\): world size 3 "):
+        cfg.validate(world_size=3)
+    assert cfg.sources["model"].endswith("model/glm45.yaml")
+
+
 def test_world_size_must_fit_the_layout():
     cfg = compose(["model=glm45", "parallel.tensor=8", "parallel.pipeline=4", "parallel.expert=16"])
     cfg.validate(world_size=256)
