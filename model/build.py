@@ -12,9 +12,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from model import cpu_support
-from model.config import ModelConfig, ParallelConfig
+from model.config import IMPLS, ModelConfig, ParallelConfig
 from model.attention import accept_segment_ids
-from model.spec import IMPLS, decoder_specs, have_transformer_engine, mtp_block_spec
+from model.spec import decoder_specs, have_transformer_engine, mtp_block_spec
 
 
 def resolve_impl(impl: str) -> str:

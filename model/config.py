@@ -14,6 +14,10 @@ from typing import Optional
 from omegaconf import MISSING
 
 
+# Layer implementations (model/spec.py says what each is); `auto` picks one of them at build time.
+IMPLS = ("te", "torch", "local")
+
+
 class ConfigError(ValueError):
     """A configuration value that cannot work. The message names the field, the value and why."""
 

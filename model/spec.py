@@ -30,8 +30,6 @@ from model.attention import SDPAttention
 from model.experts import GroupedExperts
 from model.norm import RMSNorm
 
-IMPLS = ("te", "torch", "local")
-
 
 def have_transformer_engine() -> bool:
     try:

@@ -15,7 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 import configs  # the config tree: a package, so that an install without -e carries it
 from data.config import DataConfig, DataConfigError
-from model.config import ConfigError, ModelConfig, ParallelConfig
+from model.config import IMPLS, ConfigError, ModelConfig, ParallelConfig
 from optim.config import OptimConfig
 
 CONFIG_DIR = Path(configs.__file__).resolve().parent
@@ -108,8 +108,8 @@ class Config:
             raise ConfigError(f"{where}: train.lr_min={t.lr_min} exceeds optim.lr={self.optim.lr}")
         if t.dtype not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"{where}: train.dtype={t.dtype!r} must be auto, bf16 or fp32")
-        if t.impl not in ("auto", "te", "torch", "local"):
-            raise ConfigError(f"{where}: train.impl={t.impl!r} must be auto, te, torch or local")
+        if t.impl not in ("auto", *IMPLS):
+            raise ConfigError(f"{where}: train.impl={t.impl!r} must be auto, {', '.join(IMPLS[:-1])} or {IMPLS[-1]}")
         if t.eval_every and not self.data.holdout_shards:
             raise ConfigError(f"{where}: train.eval_every={t.eval_every} needs held-out data: set "
                               "data.holdout_shards (the last N shards of every source, never trained on)")

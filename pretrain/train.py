@@ -364,6 +364,7 @@ def preflight(cfg: Config) -> None:
     from data import format as fmt
     from data.loader import open_sources
     from model.config import ConfigError
+    from model.build import resolve_impl
     from model.spec import have_transformer_engine
     from pretrain.parallel import slurm_environment
 
@@ -382,9 +383,10 @@ def preflight(cfg: Config) -> None:
                 f"gives {fewest} micro-batch(es) per data-parallel replica at sequence length {seq}; the "
                 f"interleaved schedule (parallel.virtual_stages={p.virtual_stages}) needs at least "
                 f"parallel.pipeline={p.pipeline}")
-    if t.impl == "te" and not have_transformer_engine():
-        raise ConfigError(f"{cfg.sources.get('train', 'train')}: train.impl=te but transformer_engine does not "
-                          "import here: use train.impl=auto (the fused PyTorch path) or torch")
+    try:
+        resolve_impl(t.impl)
+    except RuntimeError as e:  # impl=te without Transformer Engine
+        raise ConfigError(f"{cfg.sources.get('experiment', 'train')}: train.{e}") from None
     if cfg.parallel.context > 1 and (not have_transformer_engine() or t.impl in ("torch", "local")):
         raise ConfigError(f"{cfg.sources.get('parallel', 'parallel')}: parallel.context={cfg.parallel.context} "
                           f"needs Transformer Engine's attention (train.impl=auto or te, with TE installed; "

@@ -23,6 +23,16 @@ def logits(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]
     return main, mtp
 
 
+def segments_of(lengths: list[int], seq: int) -> torch.Tensor:
+    """One packed row's segment ids: documents 1, 2, ... of the given lengths, then padding (0)."""
+    seg = torch.zeros(seq, dtype=torch.long)
+    at = 0
+    for k, n in enumerate(lengths, 1):
+        seg[at:at + n] = k
+        at += n
+    return seg
+
+
 def tiny_in_ddp(parallel, state_path: str, impl: str = "local"):
     """(model config, model, Megatron DDP wrapper) of the tiny model on this rank, with the whole-model
     state saved at state_path. Megatron's process groups must exist."""

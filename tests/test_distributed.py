@@ -10,13 +10,6 @@ pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("distributed")]
 SEQ, BATCH = 32, 2
 
 
-def packed_segments(rows: int, seq: int) -> torch.Tensor:
-    """Segment ids of best-fit packed rows: documents of several lengths, padding (0) at the end."""
-    seg = torch.ones(rows, seq, dtype=torch.long)
-    seg[0, seq // 4:seq // 2], seg[0, seq // 2:seq - 3], seg[0, seq - 3:] = 2, 3, 0
-    return seg
-
-
 def _step(rank, parallel_kw, state_path, impl="local"):
     """One forward/backward of the tiny model through Megatron's DDP on packed rows; returns (loss,
     whole grads)."""
@@ -26,7 +19,7 @@ def _step(rank, parallel_kw, state_path, impl="local"):
 
     from model.sharding import gather_whole
     from pretrain.parallel import ParallelConfig, init_distributed, shutdown_distributed
-    from tests.megatron_helpers import data_parallel_share, positions, tiny_in_ddp
+    from tests.megatron_helpers import data_parallel_share, positions, segments_of, tiny_in_ddp
 
     parallel = ParallelConfig(**parallel_kw)
     init_distributed(parallel)
@@ -34,7 +27,9 @@ def _step(rank, parallel_kw, state_path, impl="local"):
         cfg, model, ddp = tiny_in_ddp(parallel, state_path, impl)
         ids = torch.randint(0, cfg.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(7))
         # each data-parallel replica takes its share of the batch
-        ids, segments = data_parallel_share(ids), data_parallel_share(packed_segments(BATCH, SEQ))
+        # packed rows: three documents and padding, and one document
+        segments = torch.stack([segments_of([SEQ // 4, SEQ // 4, SEQ // 2 - 3], SEQ), segments_of([SEQ], SEQ)])
+        ids, segments = data_parallel_share(ids), data_parallel_share(segments)
         dp = ps.get_data_parallel_world_size()
         loss = ddp(ids, positions(ids), segments, labels=ids).mean()
         loss.backward()

@@ -10,7 +10,7 @@ from model.attention import SDPAttention, dense_document_mask, document_block_ma
 from model.build import build_model, resolve_impl
 from model.sharding import gather_whole, load_whole_state
 from pretrain.config import compose
-from tests.megatron_helpers import positions
+from tests.megatron_helpers import positions, segments_of
 
 
 @pytest.fixture(scope="module")
@@ -22,16 +22,6 @@ def pair(world1):
     fast = build_model(cfg, impl="torch")
     load_whole_state(fast, gather_whole(local))
     return cfg, local, fast
-
-
-def segments_of(lengths: list[int], seq: int) -> torch.Tensor:
-    """One packed row: documents 1, 2, ... of the given lengths, then padding (0)."""
-    seg = torch.zeros(seq, dtype=torch.long)
-    at = 0
-    for k, n in enumerate(lengths, 1):
-        seg[at:at + n] = k
-        at += n
-    return seg
 
 
 def test_auto_is_the_fast_path_without_transformer_engine():

@@ -14,7 +14,7 @@ from model.sharding import gather_whole, load_whole_state
 from model.spec import have_transformer_engine
 from pretrain.config import compose
 from tests.hf_reference import hf_config, random_checkpoint
-from tests.megatron_helpers import logits, positions
+from tests.megatron_helpers import logits, positions, segments_of
 
 pytestmark = pytest.mark.gpu
 
@@ -75,10 +75,7 @@ def tiny_state(world1):
 
 def _packed_rows(seq: int) -> torch.Tensor:
     """Documents across FlexAttention's 128-token tiles, padding at the end of the first row."""
-    segments = torch.zeros(2, seq, dtype=torch.long)
-    segments[0, :30], segments[0, 30:170], segments[0, 170:190] = 1, 2, 3
-    segments[1, :] = 1
-    return segments.cuda()
+    return torch.stack([segments_of([30, 140, 20], seq), segments_of([seq], seq)]).cuda()
 
 
 def _run(cfg, state, impl, dtype, ids, segments):
