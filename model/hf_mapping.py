@@ -1,8 +1,16 @@
 """Megatron <-> Hugging Face `glm4_moe`: one declarative table of weight names, used both ways.
 
-Megatron names are those of the local layer spec with global expert ids, for a whole (unsharded)
-model; `model/sharding.py` maps them to and from what each rank holds. Hugging Face names are
-those of the released checkpoints (experts one by one; the MTP layer as `model.layers.<L+m>`).
+Each row names one weight three ways:
+  - Megatron: the local layer spec's name for a whole (unsharded) model, global layer and expert
+    ids (`model/sharding.py` maps them to and from what each rank holds in memory);
+  - Hugging Face: the released checkpoints' name(s) (experts one by one; the MTP layer as
+    `model.layers.<L+m>`), with each HF tensor's shape in named dimensions;
+  - dist checkpoint: the key of Megatron's `sharded_state_dict`, which is what a Megatron
+    distributed checkpoint stores. The checkpoint holds every tensor at its whole-model (global)
+    shape and reassembles tensor-parallel pieces itself, so no tensor-parallel join is needed on
+    disk; routed experts are one [experts, ...] tensor per layer, indexed by global expert id.
+and how the HF tensors relate to the Megatron one: a copy, Q/K/V interleaved per query group, or
+gate/up stacked.
 """
 
 from __future__ import annotations
@@ -16,48 +24,66 @@ from model.config import ModelConfig
 
 COPY, QKV, GATE_UP = "copy", "qkv", "gate_up"
 
-# (Megatron suffix, Hugging Face suffix(es), how they relate); per decoder layer.
+# Per decoder layer: (Megatron suffix, HF suffix(es), relation, HF shape(s), dist checkpoint suffix
+# or None for the Megatron one). Shapes are in the dimensions of `dims()`.
 ATTENTION = [
-    ("input_layernorm.weight", "input_layernorm.weight", COPY),
+    ("input_layernorm.weight", "input_layernorm.weight", COPY, ("h",),
+     "self_attention.linear_qkv.layer_norm_weight"),
     ("self_attention.linear_qkv.weight",
-     ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), QKV),
+     ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), QKV,
+     (("q", "h"), ("kv", "h"), ("kv", "h")), None),
     ("self_attention.linear_qkv.bias",
-     ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"), QKV),
-    ("self_attention.linear_proj.weight", "self_attn.o_proj.weight", COPY),
-    ("self_attention.q_layernorm.weight", "self_attn.q_norm.weight", COPY),
-    ("self_attention.k_layernorm.weight", "self_attn.k_norm.weight", COPY),
-    ("pre_mlp_layernorm.weight", "post_attention_layernorm.weight", COPY),
+     ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"), QKV,
+     (("q",), ("kv",), ("kv",)), None),
+    ("self_attention.linear_proj.weight", "self_attn.o_proj.weight", COPY, ("h", "q"), None),
+    ("self_attention.q_layernorm.weight", "self_attn.q_norm.weight", COPY, ("d",), None),
+    ("self_attention.k_layernorm.weight", "self_attn.k_norm.weight", COPY, ("d",), None),
 ]
-DENSE_MLP = [
-    ("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), GATE_UP),
-    ("mlp.linear_fc2.weight", "mlp.down_proj.weight", COPY),
+DENSE_MLP = [  # the first_k_dense layers
+    ("pre_mlp_layernorm.weight", "post_attention_layernorm.weight", COPY, ("h",), "mlp.linear_fc1.layer_norm_weight"),
+    ("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), GATE_UP,
+     (("f", "h"), ("f", "h")), None),
+    ("mlp.linear_fc2.weight", "mlp.down_proj.weight", COPY, ("h", "f"), None),
 ]
 MOE = [
-    ("mlp.router.weight", "mlp.gate.weight", COPY),
-    ("mlp.router.expert_bias", "mlp.gate.e_score_correction_bias", COPY),
+    ("pre_mlp_layernorm.weight", "post_attention_layernorm.weight", COPY, ("h",), None),
+    ("mlp.router.weight", "mlp.gate.weight", COPY, ("e", "h"), None),
+    ("mlp.router.expert_bias", "mlp.gate.e_score_correction_bias", COPY, ("e",), None),
     ("mlp.shared_experts.linear_fc1.weight",
-     ("mlp.shared_experts.gate_proj.weight", "mlp.shared_experts.up_proj.weight"), GATE_UP),
-    ("mlp.shared_experts.linear_fc2.weight", "mlp.shared_experts.down_proj.weight", COPY),
+     ("mlp.shared_experts.gate_proj.weight", "mlp.shared_experts.up_proj.weight"), GATE_UP,
+     (("s", "h"), ("s", "h")), None),
+    ("mlp.shared_experts.linear_fc2.weight", "mlp.shared_experts.down_proj.weight", COPY, ("h", "s"), None),
 ]
-EXPERT = [  # {e}: global expert id
+EXPERT = [  # {e}: global expert id; the dist checkpoint stacks a layer's experts (index e)
     ("mlp.experts.local_experts.{e}.linear_fc1.weight",
-     ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight"), GATE_UP),
-    ("mlp.experts.local_experts.{e}.linear_fc2.weight", "mlp.experts.{e}.down_proj.weight", COPY),
+     ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight"), GATE_UP,
+     (("x", "h"), ("x", "h")), "mlp.experts.experts.linear_fc1.weight"),
+    ("mlp.experts.local_experts.{e}.linear_fc2.weight", "mlp.experts.{e}.down_proj.weight", COPY, ("h", "x"),
+     "mlp.experts.experts.linear_fc2.weight"),
 ]
 MTP = [  # around the MTP layer's own decoder layer
-    ("enorm.weight", "enorm.weight", COPY),
-    ("hnorm.weight", "hnorm.weight", COPY),
-    ("eh_proj.weight", "eh_proj.weight", COPY),
-    ("final_layernorm.weight", "shared_head.norm.weight", COPY),
+    ("enorm.weight", "enorm.weight", COPY, ("h",), None),
+    ("hnorm.weight", "hnorm.weight", COPY, ("h",), None),
+    ("eh_proj.weight", "eh_proj.weight", COPY, ("h", "2h"), None),
+    ("final_layernorm.weight", "shared_head.norm.weight", COPY, ("h",), None),
 ]
 GLOBAL = [
-    ("embedding.word_embeddings.weight", "model.embed_tokens.weight", COPY),
-    ("decoder.final_layernorm.weight", "model.norm.weight", COPY),
-    ("output_layer.weight", "lm_head.weight", COPY),
+    ("embedding.word_embeddings.weight", "model.embed_tokens.weight", COPY, ("v", "h"), None),
+    ("decoder.final_layernorm.weight", "model.norm.weight", COPY, ("h",), None),
+    ("output_layer.weight", "lm_head.weight", COPY, ("v", "h"), None),
 ]
 # Some exporters repeat the shared embedding and head inside the MTP layer; they are copies of the
 # main model's and are not read.
 HF_MTP_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
+# Router weights Hugging Face's glm4_moe keeps (and saves) in fp32 whatever the model's dtype.
+HF_FP32 = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
+
+
+def dims(cfg: ModelConfig) -> dict[str, int]:
+    return {"h": cfg.hidden_size, "2h": 2 * cfg.hidden_size, "v": cfg.vocab_size, "d": cfg.head_dim,
+            "q": cfg.num_attention_heads * cfg.head_dim, "kv": cfg.num_query_groups * cfg.head_dim,
+            "f": cfg.ffn_hidden_size, "x": cfg.moe_ffn_hidden_size,
+            "s": cfg.moe_ffn_hidden_size * cfg.num_shared_experts, "e": cfg.num_experts}
 
 
 @dataclass(frozen=True)
@@ -65,9 +91,19 @@ class Entry:
     megatron: str
     hf: tuple[str, ...]
     kind: str
+    hf_shapes: tuple[tuple[int, ...], ...]
+    dist: str  # the dist checkpoint key
+    expert: int | None = None  # index into the dist tensor (a layer's stacked routed experts)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The whole Megatron tensor's shape."""
+        if self.kind == COPY:
+            return self.hf_shapes[0]
+        return (sum(s[0] for s in self.hf_shapes), *self.hf_shapes[0][1:])
 
 
-def _as_tuple(names) -> tuple[str, ...]:
+def _as_tuple(names) -> tuple:
     return names if isinstance(names, tuple) else (names,)
 
 
@@ -81,26 +117,43 @@ def _present(cfg: ModelConfig, megatron_suffix: str) -> bool:
     return True
 
 
+def _entry(cfg: ModelConfig, row, mg: str, hf: str, expert: int | None = None) -> Entry:
+    m, hs, kind, shapes, dist = row
+    d = dims(cfg)
+    hs = _as_tuple(hs)
+    shapes = shapes if kind != COPY else (shapes,)
+    fmt = (lambda x: x.format(e=expert)) if expert is not None else (lambda x: x)
+    return Entry(mg + fmt(m), tuple(hf + fmt(h) for h in hs), kind,
+                 tuple(tuple(d[k] for k in s) for s in shapes), mg + (dist or m), expert)
+
+
 def _layer_entries(cfg: ModelConfig, moe: bool, mg: str, hf: str) -> list[Entry]:
-    rules = [r for r in ATTENTION if _present(cfg, r[0])]
+    rows = [r for r in ATTENTION + (MOE if moe else DENSE_MLP) if _present(cfg, r[0])]
+    out = [_entry(cfg, r, mg, hf) for r in rows]
     if moe:
-        rules += [r for r in MOE if _present(cfg, r[0])]
-        rules += [(m.format(e=e), tuple(h.format(e=e) for h in _as_tuple(hs)), k)
-                  for e in range(cfg.num_experts) for m, hs, k in EXPERT]
-    else:
-        rules += DENSE_MLP
-    return [Entry(mg + m, tuple(hf + h for h in _as_tuple(hs)), k) for m, hs, k in rules]
+        out += [_entry(cfg, r, mg, hf, e) for e in range(cfg.num_experts) for r in EXPERT]
+    return out
 
 
 def entries(cfg: ModelConfig) -> list[Entry]:
-    """Every weight of the model, as (Megatron name, Hugging Face names, relation)."""
-    out = [Entry(m, (h,), k) for m, h, k in GLOBAL]
+    """Every weight of the model, in the released checkpoints' order (embedding, layers, MTP, head)."""
+    glob = [_entry(cfg, r, "", "") for r in GLOBAL]
+    out = glob[:1]
     for i in range(cfg.num_layers):
         out += _layer_entries(cfg, i >= cfg.first_k_dense, f"decoder.layers.{i}.", f"model.layers.{i}.")
+    out += glob[1:]
     for j in range(cfg.mtp_num_layers):
         hf = f"model.layers.{cfg.num_layers + j}."
-        out += [Entry(f"mtp.layers.{j}.{m}", (hf + h,), k) for m, h, k in MTP]
+        out += [_entry(cfg, r, f"mtp.layers.{j}.", hf) for r in MTP]
         out += _layer_entries(cfg, True, f"mtp.layers.{j}.transformer_layer.", hf)
+    return out
+
+
+def dist_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every model tensor of a dist checkpoint: key -> global shape."""
+    out = {}
+    for e in entries(cfg):
+        out[e.dist] = e.shape if e.expert is None else (cfg.num_experts, *e.shape)
     return out
 
 
@@ -109,7 +162,8 @@ def _qkv_groups(cfg: ModelConfig, t: torch.Tensor) -> torch.Tensor:
     return t.reshape(cfg.num_query_groups, -1, *t.shape[1:])
 
 
-def _split(cfg: ModelConfig, e: Entry, t: torch.Tensor) -> list[torch.Tensor]:
+def split(cfg: ModelConfig, e: Entry, t: torch.Tensor) -> list[torch.Tensor]:
+    """The whole Megatron tensor of `e` -> its Hugging Face tensors (views), in `e.hf` order."""
     if e.kind == COPY:
         return [t]
     if e.kind == GATE_UP:
@@ -120,7 +174,8 @@ def _split(cfg: ModelConfig, e: Entry, t: torch.Tensor) -> list[torch.Tensor]:
     return [x.reshape(-1, *t.shape[1:]) for x in (q, k, v)]
 
 
-def _merge(cfg: ModelConfig, e: Entry, ts: list[torch.Tensor]) -> torch.Tensor:
+def merge(cfg: ModelConfig, e: Entry, ts: list[torch.Tensor]) -> torch.Tensor:
+    """The Hugging Face tensors of `e`, in `e.hf` order -> the whole Megatron tensor."""
     if e.kind == COPY:
         return ts[0]
     if e.kind == GATE_UP:
@@ -145,11 +200,18 @@ def megatron_to_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[
     _check_names({e.megatron for e in table}, state.keys(), "Megatron")
     out = {}
     for e in table:
-        for name, t in zip(e.hf, _split(cfg, e, state[e.megatron])):
+        for name, t in zip(e.hf, split(cfg, e, state[e.megatron])):
             out[name] = t.contiguous()
     dtype = state[GLOBAL[0][0]].dtype
     out.update({name: torch.empty(shape, dtype=dtype) for name, shape in empty_shared_experts(cfg).items()})
     return out
+
+
+def hf_ignored(cfg: ModelConfig) -> set[str]:
+    """Hugging Face names a directory may hold that are not read: the MTP layer's copies of the
+    embedding and head, and the zero-size shared experts of a model without any."""
+    copies = {f"model.layers.{cfg.num_layers + j}.{c}" for j in range(cfg.mtp_num_layers) for c in HF_MTP_COPIES}
+    return copies | set(empty_shared_experts(cfg))
 
 
 def hf_to_megatron(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -158,7 +220,7 @@ def hf_to_megatron(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[
     mtp_copies = {f"model.layers.{cfg.num_layers + j}.{c}" for j in range(cfg.mtp_num_layers) for c in HF_MTP_COPIES}
     empty = {k for k in empty_shared_experts(cfg) if k in state and state[k].numel() == 0}
     _check_names({h for e in table for h in e.hf}, set(state.keys()) - mtp_copies - empty, "Hugging Face")
-    return {e.megatron: _merge(cfg, e, [state[h] for h in e.hf]) for e in table}
+    return {e.megatron: merge(cfg, e, [state[h] for h in e.hf]) for e in table}
 
 
 def _check_names(expected: set[str], present, side: str) -> None:
