@@ -54,6 +54,19 @@ class ModelConfig:
     aux_loss_coeff: float = 1e-4  # sequence-level auxiliary balance loss
     expert_bias_update_rate: float = 1e-3  # loss-free balance: step of the expert-bias update
 
+    # What training does not change: the fields that decide the weights' shapes and meaning. A
+    # checkpoint resumes only into a config that agrees on all of them (name, init, the RoPE base,
+    # context length and the recipe fields are free to differ).
+    ARCHITECTURE = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_query_groups",
+                    "head_dim", "ffn_hidden_size", "moe_ffn_hidden_size", "num_experts", "num_shared_experts",
+                    "moe_router_topk", "first_k_dense", "routed_scaling_factor", "qk_norm",
+                    "partial_rotary_factor", "mtp_num_layers", "norm_topk_prob", "qkv_bias", "rms_norm_eps")
+
+    def architecture_differences(self, other: "ModelConfig") -> list[str]:
+        """'field: ours vs theirs' for every architecture field on which the two configs differ."""
+        return [f"{f}: {getattr(self, f)!r} vs {getattr(other, f)!r}" for f in self.ARCHITECTURE
+                if getattr(self, f) != getattr(other, f)]
+
     @property
     def num_moe_layers(self) -> int:
         return self.num_layers - self.first_k_dense

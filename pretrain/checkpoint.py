@@ -6,7 +6,12 @@ What a checkpoint holds (`run.dir/checkpoints/step-XXXXXXXX/`):
   - both optimizer sides (optim/checkpoint.py: whole-model names, each owner writes its part);
   - common state written once: the trainer's counters (step, consumed tokens and samples, stage,
     skipped steps), and each rank's loader state and RNG states, gathered by rank 0;
-  - `meta.json`: step, tokens, stage, world size and layout, for people and tools.
+  - `meta.json`: step, tokens, stage, world size and layout, and the model config as it stands
+    at that step (the stage's RoPE base and MTP weight included), for people and tools;
+  - `hf/`: tokenizer files to hand on with the weights (`glm-convert export` copies them).
+
+A weights-only checkpoint (`glm-convert import`; `meta.json` says `weights_only`) holds the
+model's tensors and nothing else; loading it leaves the optimizer and trainer state fresh.
 
 A save writes into `.tmp-step-XXXXXXXX` and is renamed once every rank has finished; then
 `latest` (a one-line file) is replaced atomically. So `latest` only ever names a complete
@@ -25,7 +30,68 @@ import torch
 import torch.distributed as dist
 
 LATEST = "latest"
+HF_FILES = "hf"
 _TMP = ".tmp-"
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def read_meta(path: Path) -> dict:
+    return json.loads((Path(path) / "meta.json").read_text())
+
+
+def find(path: str | Path) -> Path:
+    """A run directory (its latest checkpoint), its checkpoints/ folder, or one checkpoint directory
+    -> the checkpoint directory."""
+    from pretrain.checkpoint_io import CheckpointError
+
+    path = Path(path)
+    run = path if (path / "checkpoints" / LATEST).is_file() else path.parent if (path / LATEST).is_file() else None
+    if run is not None:
+        try:
+            return CheckpointManager(run).latest()
+        except FileNotFoundError as e:
+            raise CheckpointError(str(e)) from None
+    if (path / "metadata.json").is_file():
+        if not (path / "meta.json").is_file():
+            raise CheckpointError(f"{path}: no meta.json (a save that did not finish, or not written by glm-pretrain "
+                                  "or glm-convert)")
+        return path
+    raise CheckpointError(f"{path}: neither a run directory (checkpoints/{LATEST}) nor a checkpoint directory "
+                          "(metadata.json, meta.json)")
+
+
+def model_config(ckpt: Path):
+    """The model config a checkpoint was written for: meta.json's, else (checkpoints written before
+    meta.json carried it) the run's config.yaml with the stage's values applied."""
+    from omegaconf import OmegaConf
+
+    from model.config import ModelConfig
+    from pretrain.checkpoint_io import CheckpointError
+
+    meta = read_meta(ckpt)
+    if "model" in meta:
+        return ModelConfig(**meta["model"]).validate(str(ckpt / "meta.json"))
+    run_config = ckpt.parent.parent / "config.yaml"
+    if not run_config.is_file():
+        raise CheckpointError(f"{ckpt / 'meta.json'} has no model config and there is no {run_config}")
+    run = OmegaConf.to_container(OmegaConf.load(run_config))
+    model = dict(run["model"])
+    for name, stage in run.get("stages", {}).items():
+        model.update({k: stage[k] for k in ("rope_theta", "mtp_loss_weight", "expert_bias_update_rate")
+                      if stage.get(k) is not None})
+        if name == meta.get("stage"):
+            break
+    return ModelConfig(**model).validate(str(run_config))
+
+
+def finish_external(run_dir: Path, ckpt: Path, meta: dict) -> None:
+    """Complete a checkpoint written outside the training loop (glm-convert import): its meta.json
+    and the run's `latest` pointing at it."""
+    (ckpt / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    (run_dir / "checkpoints" / LATEST).write_text(ckpt.name + "\n")
 
 
 def _rank() -> int:
@@ -93,14 +159,16 @@ class CheckpointManager:
             raise FileNotFoundError(f"{pointer} names {path.name}, which is not a complete checkpoint")
         return path
 
-    def save(self, step: int, chunks: list, optimizer, common: dict, per_rank: dict, meta: dict) -> Path:
+    def save(self, step: int, chunks: list, optimizer, common: dict, per_rank: dict, meta: dict,
+             hf_files: tuple[Path, ...] = ()) -> Path:
         """Save on every rank (collective). `common`: plain data, the same on every rank;
-        `per_rank`: this rank's plain data (loader state, RNG), gathered to rank 0."""
+        `per_rank`: this rank's plain data (loader state, RNG), gathered to rank 0; `hf_files`:
+        files to hand on with the weights (the tokenizer), copied into `hf/` by rank 0."""
         from megatron.core import dist_checkpointing
 
         from optim import checkpoint as optim_checkpoint
 
-        name = f"step-{step:08d}"
+        name = step_name(step)
         tmp, final = self.dir / f"{_TMP}{name}", self.dir / name
         ranks = _gather(per_rank)
         if _rank() == 0:
@@ -114,6 +182,9 @@ class CheckpointManager:
         _barrier()
         if _rank() == 0:
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+            for f in hf_files:
+                (tmp / HF_FILES).mkdir(exist_ok=True)
+                shutil.copyfile(f, tmp / HF_FILES / Path(f).name)
             if final.exists():  # the same step saved again (a resumed run that stopped at once)
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -141,6 +212,9 @@ class CheckpointManager:
 
         from optim import checkpoint as optim_checkpoint
 
+        if read_meta(path).get("weights_only"):
+            self._load_weights(path, chunks)
+            return None, None
         state = {**_model_state(chunks), **optim_checkpoint.sharded_state_dict(optimizer)}
         loaded = dist_checkpointing.load(state, str(path))
         for key, chunk in zip(_model_keys(chunks), chunks):
@@ -150,3 +224,23 @@ class CheckpointManager:
         world = dist.get_world_size() if dist.is_initialized() else 1
         mine = ranks[_rank()] if len(ranks) == world else None
         return loaded["trainer"], {"mine": mine, "all": ranks}
+
+    @staticmethod
+    def _load_weights(path: Path, chunks: list) -> None:
+        """The model's tensors only. Megatron's per-module extra state (Transformer Engine's FP8
+        metadata; empty for the other layer implementations) is not in such a checkpoint: the
+        modules keep their fresh one."""
+        from megatron.core import dist_checkpointing
+        from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+        def tensors_only(d):
+            return {k: tensors_only(v) if isinstance(v, dict) else v for k, v in d.items()
+                    if not isinstance(v, ShardedObject)}
+
+        loaded = dist_checkpointing.load(tensors_only(_model_state(chunks)), str(path))
+        for key, chunk in zip(_model_keys(chunks), chunks):
+            result = chunk.load_state_dict(loaded[key], strict=False)
+            missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+            if missing or result.unexpected_keys:
+                raise KeyError(f"{path}: weights do not fit the model: missing {missing[:3]}, "
+                               f"unexpected {result.unexpected_keys[:3]}")

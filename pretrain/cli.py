@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return train(cfg)
+    except ConfigError as e:  # found once the run directory is read: a checkpoint of another model
+        logging.getLogger("pretrain").error(f"glm-pretrain: {e}")
+        return 2
     except FloatingPointError as e:  # non-finite gradients optim.max_skipped_steps times in a row
         logging.getLogger("pretrain").error(f"rank {rank}: {e}")
         return 1

@@ -155,10 +155,23 @@ class Trainer:
     # ---- state -----------------------------------------------------------------------------
 
     def resume(self) -> bool:
+        from pretrain import checkpoint
+
         path = self.checkpoints.latest()
         if path is None:
             return False
+        meta = checkpoint.read_meta(path)
+        if "model" in meta:  # checkpoints from before meta.json carried it: Megatron checks the shapes
+            from model.config import ConfigError, ModelConfig
+
+            differ = self.cfg.model.architecture_differences(ModelConfig(**meta["model"]))
+            if differ:
+                raise ConfigError(f"{path} holds another model than model={self.cfg.model.name} "
+                                  f"(config vs checkpoint): {'; '.join(differ)}")
         common, ranks = self.checkpoints.load(path, self.chunks, self.optimizer)
+        if common is None:
+            self._start_from_weights(path, meta)
+            return True
         self.step, self.tokens, self.samples = common["step"], common["tokens"], common["samples"]
         self.skipped, self.stage_name = common["skipped"], common["stage"]
         # one loader state per data-parallel rank (tensor/expert-parallel peers share theirs)
@@ -170,6 +183,22 @@ class Trainer:
         log.info(f"resumed from {path} at step {self.step}, {self.tokens:,} tokens, stage {self.stage_name}")
         return True
 
+    def _start_from_weights(self, path: Path, meta: dict) -> None:
+        """A weights-only checkpoint (glm-convert import): fresh optimizer state from the loaded
+        weights, schedules and data from the start of the first stage or of the one it names."""
+        from model.config import ConfigError
+
+        self.optimizer.reset()
+        stage = meta.get("stage")
+        if stage:
+            found = [s for s in self.stages.list if s.name == stage]
+            if not found:
+                raise ConfigError(f"{path / 'meta.json'}: stage={stage!r} is not a stage of experiment="
+                                  f"{self.cfg.experiment} ({', '.join(s.name for s in self.stages.list)})")
+            self.tokens = int(found[0].start_tokens)
+        log.info(f"starting from the weights in {path} (from {meta.get('source', 'an import')}), fresh optimizer, "
+                 f"at {self.tokens:,} tokens (stage {self.stages.at(self.tokens).name})")
+
     def save(self) -> Path:
         stage = self.stages.at(self.tokens)
         common = {"step": self.step, "tokens": self.tokens, "samples": self.samples, "skipped": self.skipped,
@@ -177,11 +206,36 @@ class Trainer:
         per_rank = {"loader": self.loader.state_dict() if self.loader else self.loader_states[self.dp_rank],
                     "dp_rank": self.dp_rank, "rng": rng_state()}
         meta = {**common, "next_stage": stage.name if stage else None, "world_size": dist.get_world_size(),
-                "parallel": vars(self.cfg.parallel), "experiment": self.cfg.experiment}
-        path = self.checkpoints.save(self.step, self.chunks, self.optimizer, common, per_rank, meta)
+                "parallel": vars(self.cfg.parallel), "experiment": self.cfg.experiment, "model": self.model_now()}
+        path = self.checkpoints.save(self.step, self.chunks, self.optimizer, common, per_rank, meta,
+                                     hf_files=self.tokenizer_files())
         self.saved_step = self.step
         log.info(f"saved {path}")
         return path
+
+    def tokenizer_files(self) -> tuple[Path, ...]:
+        """The current stage's tokenizer.json (saved beside its first local source's shards)."""
+        from data.format import TOKENIZER
+
+        data = self.cfg.stage_data.get(self.stage_name)
+        for source in (data.sources if data else ()):
+            path = Path(source.path)
+            path = path.parent if path.suffix == ".json" else path
+            if (path / TOKENIZER).is_file():
+                return (path / TOKENIZER,)
+        return ()
+
+    def model_now(self) -> dict:
+        """The model config with the current stage's values (RoPE base, MTP weight, bias rate): what
+        an export of this step describes."""
+        import dataclasses
+
+        model = dataclasses.asdict(self.cfg.model)
+        stage = next((s for s in self.stages.list if s.name == self.stage_name), None)
+        if stage is not None:
+            values = stages_mod.settings(self.stages, stage, self.cfg.model)
+            model.update({k: v for k, v in values.items() if k in model})
+        return model
 
     # ---- stages ----------------------------------------------------------------------------
 
