@@ -66,17 +66,22 @@ def mtp_hf_weights(m: torch.nn.ModuleDict, config: Glm4MoeConfig) -> dict:
     return {k: v.detach().clone() for k, v in out.items()}
 
 
-def random_checkpoint(path, config: Glm4MoeConfig, seed: int = 0):
-    """Save a random Glm4MoeForCausalLM (+ an MTP layer) like a released checkpoint.
-
-    Returns (hf_model, mtp_modules, state_dict as saved on disk, config.json as a dict).
-    """
+def random_model(config: Glm4MoeConfig, seed: int) -> Glm4MoeForCausalLM:
     torch.manual_seed(seed)
     model = Glm4MoeForCausalLM(config).eval()
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
             _randomise(t, name, g)
+    return model
+
+
+def random_checkpoint(path, config: Glm4MoeConfig, seed: int = 0):
+    """Save a random Glm4MoeForCausalLM (+ an MTP layer) like a released checkpoint.
+
+    Returns (hf_model, mtp_modules, state_dict as saved on disk, config.json as a dict).
+    """
+    model = random_model(config, seed)
     model.save_pretrained(path)
     state = load_file(str(path / "model.safetensors"))
     mtp = mtp_layer(config, seed + 2)
@@ -96,3 +101,59 @@ def mtp_reference_logits(model, mtp, input_ids: torch.Tensor) -> torch.Tensor:
     x = mtp["layer"](x, attention_mask=None, position_ids=pos,
                      position_embeddings=model.model.rotary_emb(x, pos))
     return model.lm_head(mtp["shared_head_norm"](x))
+
+
+_FP32 = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
+
+
+def write_hf_dir(path, config: Glm4MoeConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
+                 max_shard_size: str = "200KB"):
+    """A random glm4_moe directory as released checkpoints are laid out: sharded safetensors with an
+    index written by transformers, plus the MTP layer's tensors in a shard of their own.
+
+    Returns (hf_model, mtp_modules, config.json as a dict)."""
+    from safetensors.torch import save_file
+
+    model = random_model(config, seed).to(dtype)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if name.endswith(_FP32):  # as the released checkpoints store the router (and transformers loads it)
+            t.data = t.data.float()
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    mtp = mtp_layer(config, seed + 2)
+    index_path = path / "model.safetensors.index.json"
+    if index_path.exists():
+        index = json.loads(index_path.read_text())
+    else:  # one shard: make it an indexed one
+        (path / "model.safetensors").rename(path / "model-00001-of-00001.safetensors")
+        from safetensors import safe_open
+
+        with safe_open(str(path / "model-00001-of-00001.safetensors"), "pt") as f:
+            index = {"metadata": {}, "weight_map": {k: "model-00001-of-00001.safetensors" for k in f.keys()}}
+    weights = {k: v.to(torch.float32 if k.endswith(_FP32) else dtype).contiguous()
+               for k, v in mtp_hf_weights(mtp, config).items()}
+    save_file(weights, str(path / "model-mtp.safetensors"), metadata={"format": "pt"})
+    index["weight_map"].update({k: "model-mtp.safetensors" for k in weights})
+    index_path.write_text(json.dumps(index))
+    return model, mtp.to(dtype), json.loads((path / "config.json").read_text())
+
+
+def mtp_from_hf(state: dict, config: Glm4MoeConfig) -> torch.nn.ModuleDict:
+    """The MTP layer as plain HF modules, with the weights `state` holds under the released names."""
+    m = mtp_layer(config, seed=0)
+    pre = f"model.layers.{config.num_hidden_layers}."
+    own = {"enorm.weight": pre + "enorm.weight", "hnorm.weight": pre + "hnorm.weight",
+           "eh_proj.weight": pre + "eh_proj.weight", "shared_head_norm.weight": pre + "shared_head.norm.weight"}
+    with torch.no_grad():
+        for name, t in m.state_dict().items():
+            if name in own:
+                t.copy_(state[own[name]])
+            elif name == "layer.mlp.experts.gate_up_proj":
+                for e in range(t.shape[0]):
+                    t[e].copy_(torch.cat([state[f"{pre}mlp.experts.{e}.gate_proj.weight"],
+                                          state[f"{pre}mlp.experts.{e}.up_proj.weight"]]))
+            elif name == "layer.mlp.experts.down_proj":
+                for e in range(t.shape[0]):
+                    t[e].copy_(state[f"{pre}mlp.experts.{e}.down_proj.weight"])
+            else:
+                t.copy_(state[pre + name.removeprefix("layer.")])
+    return m
