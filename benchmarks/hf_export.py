@@ -6,7 +6,9 @@ A random glm4_moe directory (bf16, the router in fp32, as released) is written w
 a fresh process whose peak RSS (VmHWM) is read when it ends; the baseline is `shutil.copyfile` of
 the files the conversion reads (the checkpoint's `*.distcp` for export, the safetensors for
 import), in the same run. All reads are from a warm page cache, for the copy as for the
-conversion. Targets: export >= 0.5x copy speed; export peak RSS <= 1.5x the largest output shard.
+conversion; every timing starts after and ends with `os.sync()`, so each pays for its own writes
+reaching the disk (without it the copy's speed swung from 0.5 to 2.4 GB/s with the dirty pages
+the conversion before it left). Targets: export >= 0.5x copy speed; export peak RSS <= 1.5x the largest output shard.
 
   .venv/bin/python benchmarks/hf_export.py [--layers 8] [--shard-size 1GB] [--dir /tmp/hf-export-bench]
 """
@@ -44,13 +46,16 @@ def status(field):
 
 from pretrain.convert import export, import_
 import model.hf_mapping, pretrain.checkpoint, pretrain.checkpoint_io, pretrain.hf_dir, tqdm
+import os
 Path("/proc/self/clear_refs").write_text("5")
 base = status("VmRSS")
+os.sync()
 t = time.perf_counter()
 if sys.argv[1] == "export":
     export(sys.argv[2], sys.argv[3], dtype="bf16", shard_size=sys.argv[4], quiet=True)
 else:
     import_(sys.argv[2], sys.argv[3], quiet=True)
+os.sync()
 print(time.perf_counter() - t, base, status("VmHWM"))
 """
 
@@ -97,9 +102,11 @@ def write_hf_dir(path: Path, cfg: ModelConfig, shard_bytes: int) -> int:
 def copy_speed(files: list[Path], dst: Path) -> tuple[float, int]:
     dst.mkdir(parents=True)
     nbytes = sum(f.stat().st_size for f in files)
+    os.sync()
     t = time.perf_counter()
     for f in files:
         shutil.copyfile(f, dst / f.name)
+    os.sync()
     return nbytes / (time.perf_counter() - t), nbytes
 
 

@@ -71,6 +71,34 @@ def read_metadata(ckpt: Path) -> Metadata:
         raise CheckpointError(f"{path}: unreadable checkpoint metadata ({e})") from None
 
 
+class _Slice(io.RawIOBase):
+    """Bytes [offset, offset + length) of an open file, as a file of their own: torch.load reads a
+    chunk's records straight into their tensors, with no copy of the whole chunk in between."""
+
+    def __init__(self, f, offset: int, length: int):
+        self.f, self.start, self.length, self.pos = f, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        self.pos = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.length}[whence] + pos
+        return self.pos
+
+    def readinto(self, buf) -> int:
+        n = max(0, min(len(buf), self.length - self.pos))
+        self.f.seek(self.start + self.pos)
+        got = self.f.readinto(memoryview(buf)[:n])
+        self.pos += got
+        return got
+
+
 class TensorReader:
     """The tensors of one dist checkpoint directory, read one by one (and only when asked)."""
 
@@ -100,10 +128,7 @@ class TensorReader:
             raise CheckpointError(f"{self.dir / info.relative_path}: chunk {index.fqn} is stored with "
                                   f"{info.transform_descriptors} (a DCP extension this reader does not apply)")
         with open(self.dir / info.relative_path, "rb") as f:
-            f.seek(info.offset)
-            data = f.read(info.length)
-        chunk = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        del data
+            chunk = torch.load(_Slice(f, info.offset, info.length), map_location="cpu", weights_only=True)
         self._cache[index] = chunk
         while len(self._cache) > 2:
             self._cache.popitem(last=False)
@@ -130,24 +155,27 @@ class TensorReader:
 
     def read(self, key: str, index: int | None = None) -> torch.Tensor:
         """Tensor `key` whole, or its slice `index` along the first dimension (one routed expert
-        of a layer's stacked experts), in the dtype it was saved in."""
+        of a layer's stacked experts), in the dtype it was saved in. Read-only: it may be a view of
+        a chunk this reader keeps."""
         if key not in self.tensors:
             raise CheckpointError(f"{self.dir}: no tensor {key!r}")
         md = self.tensors[key]
         size = tuple(md.size)
         offsets = (0,) * len(size) if index is None else (index,) + (0,) * (len(size) - 1)
         sizes = size if index is None else (1, *size[1:])
-        dest = torch.empty(sizes, dtype=md.properties.dtype)
         items = create_read_items_for_chunk_list(key, md, [ChunkStorageMetadata(torch.Size(offsets),
                                                                                 torch.Size(sizes))])
         covered = sum(math.prod(item.lengths) for item in items)
-        if covered != dest.numel():
+        if covered != math.prod(sizes):
             raise CheckpointError(f"{self.dir}: tensor {key!r}{'' if index is None else f'[{index}]'}: its chunks "
-                                  f"cover {covered:,} of {dest.numel():,} elements (a rank's piece is missing)")
+                                  f"cover {covered:,} of {math.prod(sizes):,} elements (a rank's piece is missing)")
+        dest = torch.empty(sizes, dtype=md.properties.dtype)
         for item in items:
             piece = self._chunk(item.storage_index)
             for dim, (start, length) in enumerate(zip(item.storage_offsets, item.lengths)):
                 piece = piece.narrow(dim, start, length)
+            if len(items) == 1:  # one chunk holds all of it (a rank held it whole): no copy
+                return piece if index is None else piece[0]
             target = dest
             for dim, (start, length) in enumerate(zip(item.dest_offsets, item.lengths)):
                 target = target.narrow(dim, start, length)
@@ -186,18 +214,28 @@ class _LazySavePlanner(DefaultSavePlanner):
                     properties=TensorProperties(dtype=p.dtype), size=torch.Size(p.shape))))
                 self.makers[index] = (c, p)
         self.done = done
+        self.last: torch.Tensor | None = None
 
     def create_local_plan(self) -> SavePlan:
         self.plan = SavePlan(self.items)
         return self.plan
 
     def resolve_data(self, write_item: WriteItem) -> torch.Tensor:
+        # FileSystemWriter asks for the next chunk once the last one is in the file; it also keeps
+        # every chunk it wrote in a dict until the file is closed (for its safetensors format, not
+        # used here): that would hold the whole model. So the last chunk's memory is released here.
+        if self.last is not None:
+            self.last.untyped_storage().resize_(0)
         chunk, p = self.makers[write_item.index]
         t = chunk.make()
         if tuple(t.shape) != tuple(chunk.sizes):
             raise CheckpointError(f"{p.key} at {chunk.offsets}: produced {tuple(t.shape)}, expected {chunk.sizes}")
         t = t.to(p.dtype).contiguous()
+        storage = t.untyped_storage()
+        if storage.nbytes() != t.nbytes or not storage.resizable():  # a view, or memory lent by numpy
+            t = t.clone()
         self.done(t)
+        self.last = t
         return t
 
 

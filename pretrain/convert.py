@@ -47,6 +47,19 @@ Run `glm-convert export --help` or `glm-convert import --help` for the options.
 """
 
 
+def _release_freed_memory() -> None:
+    """Have glibc hand blocks of 1 MiB and more back to the system when freed. By default it raises
+    that threshold (up to 32 MiB) each time such a block is freed, after which tensors below it come
+    from the heap and stay resident once freed: an import of a 315 MB model peaked 20 or 100 MB above
+    its start depending on the order of its tensors, 19 MB with the threshold fixed."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _progress(total: int, desc: str, quiet: bool):
     from tqdm import tqdm
 
@@ -122,6 +135,7 @@ def export(ckpt: str | Path, out: str | Path, dtype: str = "bf16", shard_size: s
     from pretrain.checkpoint_io import TensorReader
     from pretrain.hf_dir import INDEX, ShardWriter, copy_side_files, parse_size
 
+    _release_freed_memory()
     ckpt, out = checkpoint.find(ckpt), Path(out)
     cfg = checkpoint.model_config(ckpt)
     reader = TensorReader(ckpt)
@@ -203,6 +217,7 @@ def import_(hf_dir: str | Path, out: str | Path, stage: str | None = None, paral
     from pretrain.checkpoint_io import Chunk, Pending, write_tensors
     from pretrain.hf_dir import HFDir, copy_side_files
 
+    _release_freed_memory()
     hf, out = HFDir(hf_dir), Path(out)
     cfg = hf.cfg
     layout = ParallelConfig(**(parallel or {})).validate(cfg, source="glm-convert import")
@@ -226,7 +241,6 @@ def import_(hf_dir: str | Path, out: str | Path, stage: str | None = None, paral
     with _progress(total, f"import {hf.dir.name}", quiet) as bar:
         write_tensors(ckpt, list(pending.values()), common={},
                       done=lambda t: bar.update(t.numel() * t.element_size()))
-    hf.close()
     carried = copy_side_files(hf.dir, ckpt / checkpoint.HF_FILES)
     meta = {"step": 0, "tokens": 0, "weights_only": True, "stage": stage, "source": str(hf.dir.resolve()),
             "model": dataclasses.asdict(cfg), "parallel": vars(layout)}

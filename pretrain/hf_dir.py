@@ -3,7 +3,10 @@
 Reading (`HFDir`) opens `config.json` and the safetensors headers only, and refuses, naming the
 file and the tensor, whatever does not match the config before any tensor is read. Only
 safetensors are read: a directory with pickled weights (`*.bin`, `*.pt`) only is refused, and no
-code from the directory is ever imported (no remote code).
+code from the directory is ever imported (no remote code). Tensors are read with plain reads at
+the header's offsets, not through a memory map: mapped pages of every tensor read would count
+towards the process's resident memory until the kernel reclaims them (2.9 GB for a 2.5 GB model,
+measured by benchmarks/hf_export.py), read ones are freed with the tensor.
 
 Writing (`ShardWriter`) streams a safetensors file: its header is computed from the shapes and
 dtypes it is given up front, then each tensor's bytes go to disk as soon as it is produced, so a
@@ -12,6 +15,7 @@ shard is never held in memory (the `safetensors` package serialises a whole dict
 
 from __future__ import annotations
 
+import ctypes
 import json
 import re
 import shutil
@@ -19,7 +23,6 @@ import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from model.config import ConfigError, ModelConfig
 from model.hf_mapping import entries, hf_ignored, empty_shared_experts, model_config_from_hf
@@ -32,7 +35,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 GENERATION = "generation_config.json"
 
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
-_FLOAT = {"F32", "BF16", "F16", "F64"}
+_TORCH = {v: k for k, v in _ST_DTYPES.items()}
+_ITEMSIZE = {k: v.itemsize for k, v in _TORCH.items()}
+_FLOAT = set(_TORCH)
 
 
 class HFDirError(ValueError):
@@ -69,8 +74,8 @@ class HFDir:
             raise HFDirError(f"{config}: {e}") from None
         except KeyError as e:
             raise HFDirError(f"{config}: field {e} missing") from None
+        self._headers: dict[str, dict] = {}
         self.weight_map = self._weight_map()
-        self._files: dict[str, object] = {}
         self._check_tensors()
 
     def _weight_map(self) -> dict[str, str]:
@@ -81,8 +86,7 @@ class HFDir:
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise HFDirError(f"{index}: not a safetensors index ({e!r})") from None
         elif (self.dir / SINGLE).is_file():
-            with safe_open(str(self.dir / SINGLE), "pt") as f:
-                weight_map = {k: SINGLE for k in f.keys()}
+            weight_map = {k: SINGLE for k in self._header(SINGLE)}
         else:
             pickled = sorted(p.name for p in self.dir.glob("*") if p.suffix in (".bin", ".pt", ".pth"))
             raise HFDirError(f"{self.dir}: no {INDEX} or {SINGLE}"
@@ -94,13 +98,31 @@ class HFDir:
                                  f"{sum(v == name for v in weight_map.values())} tensors to it)")
         return weight_map
 
-    def _handle(self, file: str):
-        if file not in self._files:
-            try:
-                self._files[file] = safe_open(str(self.dir / file), "pt")
-            except Exception as e:  # the package raises its own error types for a bad header
-                raise HFDirError(f"{self.dir / file}: not a readable safetensors file ({e})") from None
-        return self._files[file]
+    def _header(self, file: str) -> dict:
+        """{name: (dtype, shape, start, end)} of a safetensors file, start/end absolute in the file."""
+        if file not in self._headers:
+            path = self.dir / file
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                raw = f.read(8)
+                n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+                if not 0 < n <= min(size - 8, 100 * 2**20):
+                    raise HFDirError(f"{path}: not a safetensors file (header length {n}, file {size} bytes)")
+                try:
+                    header = json.loads(f.read(n))
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise HFDirError(f"{path}: unreadable safetensors header ({e})") from None
+            out = {}
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                start, end = info["data_offsets"]
+                if not 0 <= start <= end <= size - 8 - n:
+                    raise HFDirError(f"{path}: {name} lies at bytes {start}..{end} of a {size - 8 - n}-byte data "
+                                     "section (truncated file?)")
+                out[name] = (info["dtype"], tuple(info["shape"]), 8 + n + start, 8 + n + end)
+            self._headers[file] = out
+        return self._headers[file]
 
     def _check_tensors(self) -> None:
         """Names, shapes and dtypes of every tensor against the config, from the headers alone."""
@@ -108,15 +130,17 @@ class HFDir:
         ignored = hf_ignored(self.cfg)
         self.shapes: dict[str, tuple[int, ...]] = {}
         for file in sorted(set(self.weight_map.values())):
-            f = self._handle(file)
-            names = set(f.keys())
+            header = self._header(file)
             for name in sorted(k for k, v in self.weight_map.items() if v == file):
-                if name not in names:
+                if name not in header:
                     raise HFDirError(f"{self.dir / file}: has no tensor {name!r} ({INDEX} says it does)")
-                sl = f.get_slice(name)
-                self.shapes[name] = tuple(sl.get_shape())
-                if name in want and sl.get_dtype() not in _FLOAT:
-                    raise HFDirError(f"{self.dir / file}: {name} has dtype {sl.get_dtype()}, not floating point")
+                dtype, shape, start, end = header[name]
+                self.shapes[name] = shape
+                if name in want and dtype not in _FLOAT:
+                    raise HFDirError(f"{self.dir / file}: {name} has dtype {dtype}, not floating point")
+                if dtype in _FLOAT and end - start != _numel(shape) * _ITEMSIZE[dtype]:
+                    raise HFDirError(f"{self.dir / file}: {name} takes {end - start} bytes, but {dtype} "
+                                     f"{list(shape)} needs {_numel(shape) * _ITEMSIZE[dtype]}")
         missing = sorted(set(want) - set(self.shapes) - set(empty_shared_experts(self.cfg)))
         unexpected = sorted(set(self.shapes) - set(want) - ignored)
         if missing or unexpected:
@@ -128,16 +152,19 @@ class HFDir:
                                  f"config.json gives {list(shape)}")
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handle(self.weight_map[name]).get_tensor(name)
+        file = self.weight_map[name]
+        dtype, shape, start, end = self._header(file)[name]
+        # straight into a tensor's own memory, which stays resizable (the checkpoint writer releases
+        # each tensor once written: pretrain/checkpoint_io.py), unlike memory lent by numpy or bytes
+        raw = torch.empty(end - start, dtype=torch.uint8)
+        with open(self.dir / file, "rb") as f:
+            f.seek(start)
+            if raw.numel() and f.readinto((ctypes.c_char * raw.numel()).from_address(raw.data_ptr())) != raw.numel():
+                raise HFDirError(f"{self.dir / file}: {name} cut short (file truncated while reading?)")
+        return raw.view(_TORCH[dtype]).reshape(shape)
 
     def dtype(self, name: str) -> torch.dtype:
-        st = self._handle(self.weight_map[name]).get_slice(name).get_dtype()
-        return {v: k for k, v in _ST_DTYPES.items()}[st]
-
-    def close(self) -> None:
-        for f in self._files.values():
-            f.__exit__(None, None, None)
-        self._files.clear()
+        return _TORCH[self._header(self.weight_map[name])[name][0]]
 
 
 def copy_side_files(src: Path, dst: Path) -> list[str]:

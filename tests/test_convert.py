@@ -282,6 +282,8 @@ def test_import_refuses_other_architectures_pickles_and_missing_files(tmp_path, 
     shard = sorted(src.glob("model-0*.safetensors"))[1]
     shard.rename(tmp_path / "aside")
     _hf_fails(src, tmp_path, str(shard), "missing", capsys=capsys)
+    shard.write_bytes((tmp_path / "aside").read_bytes()[:-100])
+    _hf_fails(src, tmp_path, str(shard), "truncated", capsys=capsys)
     (tmp_path / "aside").rename(shard)
 
     pickled = tmp_path / "pickled"
@@ -307,11 +309,11 @@ def test_import_names_a_tensor_missing_or_of_the_wrong_shape(tmp_path, capsys):
 
 # ---- memory: one tensor at a time ----------------------------------------------------------------
 
-_EXPORT_RSS = """
+_CONVERT_RSS = """
 import sys
 from pathlib import Path
-from pretrain.convert import export
-import model.hf_mapping, pretrain.checkpoint, pretrain.checkpoint_io, pretrain.hf_dir, tqdm  # what export imports
+from pretrain.convert import export, import_
+import model.hf_mapping, pretrain.checkpoint, pretrain.checkpoint_io, pretrain.hf_dir, tqdm  # what they import
 
 def status(field):  # kB
     line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field + ":"))
@@ -319,7 +321,10 @@ def status(field):  # kB
 
 Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) here, after the imports
 before = status("VmRSS")
-export(sys.argv[1], sys.argv[2], dtype="bf16", shard_size="64MB", quiet=True)
+if sys.argv[1] == "export":
+    export(sys.argv[2], sys.argv[3], dtype="bf16", shard_size="64MB", quiet=True)
+else:
+    import_(sys.argv[2], sys.argv[3], quiet=True)
 print(status("VmHWM") - before)
 """
 
@@ -333,6 +338,7 @@ def _synthetic_checkpoint(ckpt: Path, **shape) -> tuple[int, int]:
 
     cfg = dataclasses.replace(compose(["model=tiny"]).model, **shape)
     shapes = dist_shapes(cfg)
+
     def chunks(key, shape):  # as the training loop writes them: routed experts one by one
         if ".experts.experts." not in key:
             return [Chunk((0,) * len(shape), shape, lambda: torch.randn(shape))]
@@ -344,16 +350,25 @@ def _synthetic_checkpoint(ckpt: Path, **shape) -> tuple[int, int]:
                                                                          for e in entries(cfg))
 
 
-def test_export_peak_memory_is_bounded_by_the_largest_tensor_not_the_model(tmp_path):
-    model_bytes, largest = _synthetic_checkpoint(tmp_path / "ckpt", hidden_size=512, num_layers=4, num_experts=64,
-                                                 moe_ffn_hidden_size=128, vocab_size=2048)
-    assert model_bytes > 8 * largest  # so that holding the model (or a shard) would show
-    p = subprocess.run([sys.executable, "-c", _EXPORT_RSS, str(tmp_path / "ckpt"), str(tmp_path / "out")],
-                       cwd=ROOT, env={**_env(tmp_path), "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
-                       timeout=300)
+def _peak_growth(*args: str) -> int:
+    p = subprocess.run([sys.executable, "-c", _CONVERT_RSS, *args], cwd=ROOT, env=_env(ROOT), capture_output=True,
+                       text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    grew = int(p.stdout.split()[-1])
-    # the fp32 tensor read, its bf16 copy, the chunks it came from; allocator slack. Holding one
-    # 64 MB output shard, let alone the 208 MB model, would not fit.
-    assert grew <= 3 * largest + 32 * 2**20, f"peak RSS grew {grew / 2**20:.0f} MiB; largest tensor " \
-                                             f"{largest / 2**20:.0f} MiB, model {model_bytes / 2**20:.0f} MiB"
+    return int(p.stdout.split()[-1])
+
+
+def test_conversion_peak_memory_is_bounded_by_the_largest_tensor_not_the_model(tmp_path):
+    # 12 layers of wide attention (the tensors that are not experts add up to 200 MB) and small experts
+    model_bytes, largest = _synthetic_checkpoint(tmp_path / "ckpt", hidden_size=1024, num_layers=12,
+                                                 num_attention_heads=16, num_query_groups=16, head_dim=64,
+                                                 moe_ffn_hidden_size=64, vocab_size=2048)
+    assert model_bytes > 4 * (3 * largest + 32 * 2**20)
+    # per direction: the tensor being converted, its other-dtype or joined copy, the chunks it came
+    # from; allocator slack. Holding one 64 MB output shard, let alone the model, would not fit.
+    bound = 3 * largest + 32 * 2**20
+    grew = _peak_growth("export", str(tmp_path / "ckpt"), str(tmp_path / "hf"))
+    assert grew <= bound, f"export: peak RSS grew {grew / 2**20:.0f} MiB; largest tensor {largest / 2**20:.0f} MiB, " \
+                          f"model {model_bytes / 2**20:.0f} MiB"
+    grew = _peak_growth("import", str(tmp_path / "hf"), str(tmp_path / "run"))
+    assert grew <= bound, f"import: peak RSS grew {grew / 2**20:.0f} MiB; largest tensor {largest / 2**20:.0f} MiB, " \
+                          f"model {model_bytes / 2**20:.0f} MiB"
