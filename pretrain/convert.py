@@ -27,7 +27,7 @@ import torch
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
-HELP = __doc__.split("\n\n")[0] + """
+HELP = "\n\n".join(__doc__.split("\n\n")[:2]) + """
 
 commands:
   export CKPT OUT   CKPT: a run directory (its checkpoints/latest) or one checkpoint directory,

@@ -69,7 +69,8 @@ def data_root(tmp_path_factory) -> Path:
 # ---- export from the training loop's checkpoints ------------------------------------------------
 
 LAYOUTS = {"TP2": ["parallel.tensor=2"], "EP2": ["parallel.expert=2"],
-           "TP2+EP2": ["parallel.tensor=2", "parallel.expert=2"], "PP2": ["parallel.pipeline=2"]}
+           "TP2+EP2": ["parallel.tensor=2", "parallel.expert=2"], "PP2": ["parallel.pipeline=2"],
+           "TP2+ETP2": ["parallel.tensor=2", "parallel.expert_tensor=2"]}
 
 
 @pytest.mark.distributed
@@ -179,6 +180,16 @@ def test_training_starts_from_imported_weights_under_another_layout_at_the_chose
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert json.loads((out / "config.json").read_text())["rope_theta"] == 1e6  # the stage's, not the import's
+
+
+def test_training_refuses_imported_weights_of_another_architecture(data_root, tmp_path):
+    src = tmp_path / "src"
+    write_hf_dir(src, hf_config(vocab_size=512, n_routed_experts=4, partial_rotary_factor=0.25))
+    import_(src, tmp_path / "run", quiet=True)
+    p = subprocess.run([sys.executable, "-m", "pretrain", "experiment=tiny", f"run.dir={tmp_path / 'run'}"],
+                       env=_env(data_root), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "num_experts: 8 vs 4" in p.stdout and "partial_rotary_factor: 0.5 vs 0.25" in p.stdout
 
 
 def test_import_refuses_a_layout_the_model_cannot_take_and_unknown_arguments(tmp_path):
