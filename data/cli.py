@@ -16,6 +16,8 @@ examples:
   glm-data prepare embedded:code --code -o outputs/data/embedded/code
   glm-data prepare 'crawl/*.jsonl.zst' --tokenizer /models/GLM-4.5 -o /data/web
   glm-data prepare repo/ --code --fim-rate 0.9 --tokenizer tokenizer.json -o /data/code
+  glm-data prepare 'crawl/*.jsonl.zst' --tokenizer /models/GLM-4.5 -o /data/web --part 3/64   (x 64, then:)
+  glm-data prepare 'crawl/*.jsonl.zst' --tokenizer /models/GLM-4.5 -o /data/web --merge 64
   glm-data inspect outputs/data/embedded/code
   glm-data inspect outputs/data/embedded/code/shard-000003.tar -n 2
   glm-data inspect --verify /data/web
@@ -56,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--invalid-utf8", choices=("error", "replace"), default="error",
                    help="text that is not valid UTF-8: stop, naming file, line and byte (error, the default), or "
                    "replace each bad sequence with U+FFFD and count them in the summary (replace, for messy crawls)")
+    p.add_argument("--part", metavar="I/N", help="tokenise only the I-th (from 0) of N ranges of the inputs "
+                   "(balanced by bytes) into OUT.parts/, e.g. one Slurm array task each (slurm/prepare.sbatch)")
+    p.add_argument("--merge", type=int, metavar="N", help="write OUT's shards and manifest from the N parts in "
+                   "OUT.parts/ (byte for byte what one run over all inputs writes), then remove the parts")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     i = sub.add_parser("inspect", help="show a shard, a dataset, or the mixture a stage would produce",

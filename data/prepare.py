@@ -6,10 +6,17 @@ documents into samples and compress them; the main process writes the samples in
 Nothing depends on the number of workers or on the clock, so the same inputs and options give
 byte-identical shards. Everything is written into a hidden directory beside the output and moved
 into place when complete: a failed or interrupted run leaves the previous output as it was.
+
+At corpus scale the tokenising is split over jobs: `--part i/N` tokenises and compresses the i-th
+of N contiguous ranges of the inputs (balanced by bytes) into `<out>.parts/`, and `--merge N`
+then writes the shards and manifest from the N parts, byte for byte those of one run over all
+inputs. That holds because samples never span chunks and chunks never span inputs: an input's
+samples do not depend on any other input, only the cut into shards does, and the merge makes it.
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import sys
@@ -49,6 +56,8 @@ class Options:
     zstd_level: int = 3
     overwrite: bool = False
     invalid_utf8: str = "error"  # error | replace (bytes that are not UTF-8 become U+FFFD, counted)
+    part: str | None = None  # "i/N": tokenise only the i-th (from 0) of N ranges of the inputs
+    merge: int | None = None  # N: write shards and manifest from the N parts in <out>.parts
 
     def validate(self) -> None:
         for name in ("fim_rate", "fim_spm_rate"):
@@ -61,6 +70,22 @@ class Options:
             raise fmt.DataError(f"--shard-tokens={self.shard_tokens} must be positive")
         if self.invalid_utf8 not in ("error", "replace"):
             raise fmt.DataError(f"--invalid-utf8={self.invalid_utf8!r}: expected error or replace")
+        if self.part is not None and self.merge is not None:
+            raise fmt.DataError("--part and --merge: one run does one of them")
+        if self.part is not None:
+            self.part_of()
+        if self.merge is not None and self.merge < 1:
+            raise fmt.DataError(f"--merge={self.merge} must be positive (the number of parts)")
+
+    def part_of(self) -> tuple[int, int]:
+        i, sep, n = (self.part or "").partition("/")
+        if not (sep and i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
+            raise fmt.DataError(f"--part={self.part!r}: expected i/N with 0 <= i < N (e.g. 0/16 ... 15/16)")
+        return int(i), int(n)
+
+    def recipe(self) -> dict:
+        """What makes the output: a part or a merge must agree with every other part on all of it."""
+        return {k: v for k, v in asdict(self).items() if k not in ("out", "workers", "overwrite", "part", "merge")}
 
 
 # --- worker side -----------------------------------------------------------------------------------
@@ -194,8 +219,35 @@ def check_output(out: Path, specs: list[str], files: list[str], overwrite: bool)
             raise fmt.DataError(f"input {f} lies inside -o {out}, which prepare replaces")
 
 
+def parts_dir(out: str | Path) -> Path:
+    """Where `--part` runs leave their parts for `--merge`: beside the output."""
+    out = Path(out)
+    return out.parent / f"{out.name}.parts"
+
+
+def _part_name(i: int, n: int) -> str:
+    return f"part-{i:05d}-of-{n:05d}"
+
+
+def ranges(files: list[str], n: int) -> list[range]:
+    """N contiguous ranges of the inputs with about equal bytes each: input j goes to the part its
+    byte midpoint falls in (parts may be empty when N exceeds the inputs). The same files give the
+    same ranges."""
+    sizes = [1 if f.startswith(inputs.EMBEDDED) else max(os.path.getsize(f), 1) for f in files]
+    total, cum = sum(sizes), 0
+    members: list[list[int]] = [[] for _ in range(n)]
+    for j, size in enumerate(sizes):
+        members[min(n - 1, int((cum + size / 2) * n / total))].append(j)
+        cum += size
+    starts = [0]
+    for m in members:
+        starts.append(starts[-1] + len(m))
+    return [range(starts[i], starts[i + 1]) for i in range(n)]
+
+
 def prepare(opts: Options, progress: bool = True) -> dict:
-    """Run `prepare`; returns the manifest (also written to <out>/manifest.json).
+    """Run `prepare` (or one part of it, or the merge of its parts); returns the manifest (also
+    written to <out>/manifest.json; for a part, the part's record).
 
     Everything is written into a hidden sibling directory and moved into place at the end; a
     failed or interrupted run leaves the previous output (if any) as it was and no stray files."""
@@ -204,75 +256,97 @@ def prepare(opts: Options, progress: bool = True) -> dict:
     opts.validate()
     files = inputs.expand(opts.inputs)
     out = Path(opts.out)
-    check_output(out, opts.inputs, files, opts.overwrite)
     name = opts.name or out.resolve().name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a run that was killed
+    target = out
+    if opts.part is not None:  # a part is replaced whenever its job runs again
+        target = parts_dir(out) / _part_name(*opts.part_of())
+        check_output(out, opts.inputs, files, overwrite=True)
+    check_output(target, opts.inputs, files, opts.overwrite or opts.part is not None)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a run that was killed
         shutil.rmtree(stale, ignore_errors=True)
-    work = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    work = target.parent / f".{target.name}.tmp-{os.getpid()}"
     work.mkdir()
     try:
         manifest = _prepare_into(work, name, files, opts, progress)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            work.rename(out)
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            target.rename(old)
+            work.rename(target)
             shutil.rmtree(old)
         else:
-            work.rename(out)
+            work.rename(target)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+    if opts.merge is not None:
+        shutil.rmtree(parts_dir(out), ignore_errors=True)  # the dataset holds all of it now
     return manifest
+
+
+def _tokenizer(opts: Options):
+    """(tokenizer, where it came from, special ids): loaded, or the default trained here."""
+    if opts.tokenizer:
+        tok, source = toks.load(opts.tokenizer), str(opts.tokenizer)
+    else:
+        tok, source = toks.train_default(opts.vocab_size), f"byte-level BPE on the embedded corpus ({opts.vocab_size})"
+    return tok, source, toks.special_ids(tok, opts.eod_token, fim=opts.code, where=source)
+
+
+def _encoded(files: list[str], todo: range, tok_json: str, settings: dict, opts: Options, reader,
+             progress: bool) -> Iterator[tuple[int, list, int, int]]:
+    """(input index, samples, documents, empty documents) per chunk of the inputs `todo`, in order."""
+    bar = _progress(progress)
+    pool = None
+    tokens = 0
+    jobs = ((todo.start + i, chunk) for i, chunk in _jobs([files[j] for j in todo], reader))
+    try:
+        if opts.workers > 1:
+            pool = multiprocessing.get_context("spawn").Pool(opts.workers, _init_worker, (tok_json, settings))
+            results = pool.imap(_encode_chunk, jobs)
+        else:
+            _init_worker(tok_json, settings)
+            results = map(_encode_chunk, jobs)
+        for result in results:
+            yield result
+            tokens += sum(t for t, _, _ in result[1])
+            bar.update(result[2] + result[3])
+            bar.set_postfix_str(f"{tokens / 1e6:.1f}M tokens", refresh=False)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
 
 
 def _prepare_into(out: Path, name: str, files: list[str], opts: Options, progress: bool) -> dict:
     started = time.perf_counter()
-    if opts.tokenizer:
-        tok, tok_source = toks.load(opts.tokenizer), str(opts.tokenizer)
-    else:
-        tok, tok_source = toks.train_default(opts.vocab_size), f"byte-level BPE on the embedded corpus ({opts.vocab_size})"
-    ids = toks.special_ids(tok, opts.eod_token, fim=opts.code, where=tok_source)
+    tok, tok_source, ids = _tokenizer(opts)
     tok.save(str(out / fmt.TOKENIZER))
-    tok_json = tok.to_str()
     dtype = fmt.dtype_for(toks.vocab_size(tok))
     shard_tokens = opts.shard_tokens or (EMBEDDED_SHARD_TOKENS if all(f.startswith(inputs.EMBEDDED) for f in files)
                                          else DEFAULT_SHARD_TOKENS)
     settings = {"name": name, "code": opts.code, "fim_rate": opts.fim_rate, "fim_spm_rate": opts.fim_spm_rate,
                 "seed": opts.seed, "sample_tokens": opts.sample_tokens, "dtype": dtype, "level": opts.zstd_level,
                 "ids": asdict(ids)}
-
-    per_input = [{"path": f, "documents": 0, "empty": 0, "tokens": 0} for f in files]
     reader = inputs.Reader(opts.text_field, opts.invalid_utf8)
+    per_input = [{"path": f, "documents": 0, "empty": 0, "tokens": 0} for f in files]
+    if opts.part is not None:
+        return _write_part(out, files, opts, tok, settings, reader, per_input, progress)
     writer = ShardWriter(out, shard_tokens)
-    bar = _progress(progress)
-    pool = None
-    try:
-        if opts.workers > 1:
-            pool = multiprocessing.get_context("spawn").Pool(opts.workers, _init_worker, (tok_json, settings))
-            results = pool.imap(_encode_chunk, _jobs(files, reader))
-        else:
-            _init_worker(tok_json, settings)
-            results = map(_encode_chunk, _jobs(files, reader))
-        for index, samples, n_docs, n_empty in results:
+    if opts.merge is not None:
+        per_input = _merge_parts(writer, files, opts, tok, progress)
+    else:
+        for index, samples, n_docs, n_empty in _encoded(files, range(len(files)), tok.to_str(), settings, opts,
+                                                        reader, progress):
             for tokens, docs, sample in samples:
                 writer.write(tokens, docs, sample)
                 per_input[index]["tokens"] += tokens
             per_input[index]["documents"] += n_docs
             per_input[index]["empty"] += n_empty
-            bar.update(n_docs + n_empty)
-            bar.set_postfix_str(f"{sum(p['tokens'] for p in per_input) / 1e6:.1f}M tokens", refresh=False)
-        writer.close()
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.terminate()
+        _note_replaced(per_input, reader)
+    writer.close()
     if not writer.shards:
         raise fmt.DataError(f"{', '.join(opts.inputs)}: no documents with text found")
-    for item in per_input:
-        if reader.replaced.get(item["path"]):
-            item["replaced_characters"] = reader.replaced[item["path"]]
-
     manifest = fmt.make_manifest(
         name, "code" if opts.code else "text", dtype, toks.describe(tok, ids, tok_source), writer.shards, per_input,
         {"text_field": opts.text_field, "fim_rate": opts.fim_rate if opts.code else 0.0,
@@ -281,6 +355,92 @@ def _prepare_into(out: Path, name: str, files: list[str], opts: Options, progres
     fmt.write_manifest(out, manifest)
     manifest["elapsed_s"] = time.perf_counter() - started  # reported, not stored: shards stay reproducible
     return manifest
+
+
+def _note_replaced(per_input: list[dict], reader) -> None:
+    for item in per_input:
+        if reader.replaced.get(item["path"]):
+            item["replaced_characters"] = reader.replaced[item["path"]]
+
+
+# --- parts -----------------------------------------------------------------------------------------
+# A part directory: samples.bin (each sample's compressed tokens, then its metadata, back to back),
+# index.npy (per sample: input index, tokens, documents, bytes of tokens, bytes of metadata) and
+# part.json (its inputs' counts, the recipe and the tokenizer, which the merge checks).
+_SAMPLES, _INDEX, _PART = "samples.bin", "index.npy", "part.json"
+
+
+def _digest(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _write_part(out: Path, files: list[str], opts: Options, tok, settings: dict, reader, per_input: list[dict],
+                progress: bool) -> dict:
+    i, n = opts.part_of()
+    todo = ranges(files, n)[i]
+    rows = []
+    with open(out / _SAMPLES, "wb") as f:
+        for index, samples, n_docs, n_empty in _encoded(files, todo, tok.to_str(), settings, opts, reader, progress):
+            for tokens, docs, sample in samples:
+                f.write(sample[fmt.TOKENS])
+                f.write(sample[fmt.META])
+                rows.append((index, tokens, docs, len(sample[fmt.TOKENS]), len(sample[fmt.META])))
+                per_input[index]["tokens"] += tokens
+            per_input[index]["documents"] += n_docs
+            per_input[index]["empty"] += n_empty
+    np.save(out / _INDEX, np.array(rows, dtype=np.int64).reshape(-1, 5))
+    _note_replaced(per_input, reader)
+    record = {"part": i, "parts": n, "inputs": [todo.start, todo.stop], "files": len(files),
+              "files_sha256": _digest("\n".join(files)), "recipe": opts.recipe(),
+              "tokenizer_sha256": _digest(tok.to_str()), "per_input": [per_input[j] for j in todo],
+              "samples": len(rows), "tokens": sum(r[1] for r in rows)}
+    (out / _PART).write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def _merge_parts(writer: ShardWriter, files: list[str], opts: Options, tok, progress: bool) -> list[dict]:
+    """Every part's samples through `writer`, in input order (all parts checked first); returns
+    the inputs' counts."""
+    from tqdm import tqdm
+
+    n = opts.merge
+    where = parts_dir(opts.out)
+    names = [_part_name(i, n) for i in range(n)]
+    missing = [x for x in names if not (where / x / _PART).is_file()]
+    if missing:
+        raise fmt.DataError(f"{where}: {len(missing)} of {n} parts missing ({', '.join(missing[:4])}"
+                            f"{' ...' if len(missing) > 4 else ''}): run `glm-data prepare ... --part i/{n}` for each")
+    expected, parts = ranges(files, n), []
+    for i, name in enumerate(names):
+        at = where / name
+        part = json.loads((at / _PART).read_text())
+        if part["files_sha256"] != _digest("\n".join(files)):
+            raise fmt.DataError(f"{at / _PART}: made from another list of inputs ({part['files']} files) than this "
+                                f"merge's {len(files)}: give every part and the merge the same inputs")
+        if part["recipe"] != opts.recipe():
+            differ = sorted(k for k in {*part["recipe"], *opts.recipe()} if part["recipe"].get(k) != opts.recipe().get(k))
+            raise fmt.DataError(f"{at / _PART}: made with other options than this merge: {', '.join(differ)}")
+        if part["tokenizer_sha256"] != _digest(tok.to_str()):
+            raise fmt.DataError(f"{at / _PART}: tokenised with another tokenizer than this merge's")
+        if part["inputs"] != [expected[i].start, expected[i].stop]:
+            raise fmt.DataError(f"{at / _PART}: holds inputs {part['inputs']}, expected "
+                                f"{[expected[i].start, expected[i].stop]}")
+        rows = np.load(at / _INDEX).reshape(-1, 5)
+        size, accounted = (at / _SAMPLES).stat().st_size, int(rows[:, 3:].sum())
+        if len(rows) != part["samples"] or size != accounted:
+            raise fmt.DataError(f"{at}: {len(rows)} samples in {_INDEX} ({part['samples']} in {_PART}), {size} bytes "
+                                f"in {_SAMPLES} ({accounted} in its index): the part is damaged, run it again")
+        parts.append((at, rows))
+    with tqdm(total=sum(int(r[:, 1].sum()) for _, r in parts), unit=" tok", unit_scale=True, disable=not progress,
+              file=sys.stderr, desc="merge") as bar:
+        for at, rows in parts:
+            with open(at / _SAMPLES, "rb") as f:
+                for _, tokens, docs, n_tokens, n_meta in rows.tolist():
+                    writer.write(tokens, docs, {"__key__": "", fmt.TOKENS: f.read(n_tokens), fmt.META: f.read(n_meta)})
+                    bar.update(tokens)
+    return [item for at, _ in parts for item in json.loads((at / _PART).read_text())["per_input"]]
 
 
 def summary(manifest: dict, out: str) -> str:
@@ -313,5 +473,12 @@ def summary(manifest: dict, out: str) -> str:
 def main_args(args) -> int:  # called by data.cli
     opts = Options(**{k: v for k, v in vars(args).items() if k in Options.__dataclass_fields__})
     manifest = prepare(opts, progress=not args.quiet)
-    print(summary(manifest, opts.out))
+    if opts.part is not None:
+        i, n = manifest["part"], manifest["parts"]
+        docs = sum(p["documents"] for p in manifest["per_input"])
+        print(f"part {i}/{n}: inputs {manifest['inputs'][0]}..{manifest['inputs'][1] - 1} of {manifest['files']}, "
+              f"{docs:,} documents, {manifest['tokens']:,} tokens in {manifest['samples']:,} samples -> "
+              f"{parts_dir(opts.out)}; when all {n} parts are done: glm-data prepare ... --merge {n}")
+    else:
+        print(summary(manifest, opts.out))
     return 0

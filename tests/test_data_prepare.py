@@ -188,3 +188,51 @@ def test_cli_errors_are_clear(embedded, tmp_path, capsys):
     assert "no such tokenizer file" in capsys.readouterr().err
     assert cli.main(["inspect", str(tmp_path / "none")]) == 2
     assert "run `glm-data prepare` first" in capsys.readouterr().err
+
+
+def _more_inputs(tmp_path):
+    """Inputs of uneven sizes, so that shards span inputs and the parts' byte ranges differ."""
+    docs = write_inputs(tmp_path)
+    for k in range(5):
+        with open(tmp_path / "in" / f"extra{k}.jsonl", "w") as f:
+            for d in docs[: 4 + 7 * k]:
+                f.write(json.dumps({"text": f"extra {k} " + d}) + "\n")
+
+
+@pytest.mark.parametrize("parts", [3, 12], ids=["3-parts", "more-parts-than-inputs"])
+def test_parts_then_merge_write_the_single_run_byte_for_byte(embedded, tmp_path, parts):
+    _more_inputs(tmp_path)
+    tokenizer = str(embedded / "general" / fmt.TOKENIZER)
+    common = ["prepare", str(tmp_path / "in"), "--tokenizer", tokenizer, "--name", "user", "--sample-tokens", "64",
+              "--shard-tokens", "256", "--workers", "1", "-q"]
+    assert cli.main([*common, "-o", str(tmp_path / "single")]) == 0
+    for i in reversed(range(parts)):  # in any order, as array tasks finish
+        assert cli.main([*common, "-o", str(tmp_path / "merged"), "--part", f"{i}/{parts}"]) == 0
+    assert cli.main([*common, "-o", str(tmp_path / "merged"), "--part", f"1/{parts}"]) == 0  # a task run again
+    assert cli.main([*common, "-o", str(tmp_path / "merged"), "--merge", str(parts)]) == 0
+    cmp = filecmp.dircmp(tmp_path / "single", tmp_path / "merged")
+    assert not cmp.diff_files and not cmp.left_only and not cmp.right_only
+    manifest = json.loads((tmp_path / "merged" / fmt.MANIFEST).read_text())
+    assert len(manifest["shards"]) > parts and len(cmp.same_files) == len(manifest["shards"]) + 2
+    assert not (tmp_path / "merged.parts").exists()  # the dataset holds all of it now
+
+
+def test_merge_refuses_missing_or_mismatched_parts(embedded, tmp_path, capsys):
+    _more_inputs(tmp_path)
+    tokenizer = str(embedded / "general" / fmt.TOKENIZER)
+    common = ["prepare", str(tmp_path / "in"), "--tokenizer", tokenizer, "--sample-tokens", "64", "-q",
+              "--workers", "1", "-o", str(tmp_path / "out")]
+    assert cli.main([*common, "--part", "0/3"]) == 0
+    assert cli.main([*common, "--part", "2/3"]) == 0
+    assert cli.main([*common, "--merge", "3"]) == 2
+    assert "1 of 3 parts missing (part-00001-of-00003)" in capsys.readouterr().err
+    assert cli.main([*common, "--part", "1/3", "--fim-rate", "0.9"]) == 0
+    assert cli.main([*common, "--merge", "3"]) == 2
+    assert "part-00001-of-00003/part.json: made with other options than this merge: fim_rate" in capsys.readouterr().err
+    (tmp_path / "in" / "late.jsonl").write_text(json.dumps({"text": "added after the parts ran"}) + "\n")
+    assert cli.main([*common, "--merge", "3"]) == 2
+    assert "made from another list of inputs (10 files) than this merge's 11" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    for bad in ("3/3", "1", "a/b"):
+        assert cli.main([*common, "--part", bad]) == 2
+        assert "--part" in capsys.readouterr().err

@@ -176,3 +176,54 @@ def test_preempted_job_saves_requeues_itself_and_resumes_exactly(cluster, corpus
     assert (run_dir / "logs" / f"job-{job_id}-restart-1" / "task-0.log").is_file()
     want, got = scalars(ref_dir), scalars(run_dir)
     assert got["lm loss"] == want["lm loss"] and got["params-norm"] == want["params-norm"]
+
+
+def _jsonl_inputs(directory: Path) -> Path:
+    directory.mkdir(parents=True)
+    for k in range(5):
+        with open(directory / f"crawl-{k}.jsonl", "w") as f:
+            for d in range(3 + 9 * k):
+                f.write(json.dumps({"text": f"crawl {k} document {d}: " + "lorem ipsum dolor " * (d + 1)}) + "\n")
+    return directory
+
+
+def test_prepare_dry_run_prints_the_array_and_the_merge_without_slurm(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "sed", "dirname", "realpath", "head", "nproc"):
+        os.symlink(shutil.which(tool), bin_dir / tool)
+    env = _plain_env(DRY_RUN="1", PATH=str(bin_dir), PYTHON=sys.executable, PARTS="64",
+                     SBATCH_ARGS="--partition=cpu --account=proj")
+    p = subprocess.run(["bash", "slurm/prepare.sbatch", "crawl/*.jsonl", "-o", "/data/web"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = p.stdout
+    assert "sbatch --parsable --array=0-63 --partition=cpu --account=proj --export=ALL\\,PREPARE_STEP=part" in out
+    assert "-m data.cli prepare --workers 16 crawl/\\*.jsonl -o /data/web --part i/64" in out
+    assert "--dependency=afterok:\\<array\\ job\\>" in out and "-o /data/web --merge 64" in out
+    p = subprocess.run(["bash", "slurm/prepare.sbatch", "x", "-o", "y"], cwd=ROOT, env={**env, "PARTS": "0"},
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "PARTS=0" in p.stderr
+
+
+def test_prepare_array_and_merge_under_slurm_write_the_single_run(cluster, tmp_path):
+    """Three array tasks tokenise a part each, the merge job waits for them and writes the dataset:
+    the same bytes as one glm-data prepare over all inputs."""
+    from data import cli
+
+    inputs = _jsonl_inputs(tmp_path / "in")
+    args = [str(inputs), "--vocab-size", "512", "--sample-tokens", "128", "--shard-tokens", "512", "--name", "web"]
+    assert cli.main(["prepare", *args, "-o", str(tmp_path / "single"), "-q", "--workers", "1"]) == 0
+    p = cluster.run("bash", str(ROOT / "slurm" / "prepare.sbatch"), *args, "-o", str(tmp_path / "web"), "-q",
+                    env={"PARTS": "3", "SBATCH_ARGS": "--cpus-per-task=1", "PYTHON": sys.executable,
+                         "PYTHONPATH": str(ROOT)}, cwd=tmp_path)
+    merge_id = p.stdout.strip().rsplit("merge: job ", 1)[1].split()[0]
+    info = cluster.wait_for(merge_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=300)
+    outs = "\n".join(f"--- {f.name}\n{f.read_text()[-2000:]}" for f in sorted(tmp_path.glob("glm-prepare*.out")))
+    assert info["JobState"] == "COMPLETED", outs
+    assert len(list(tmp_path.glob("glm-prepare-*_*.out"))) == 3, outs  # one log per array task
+    import filecmp
+
+    cmp = filecmp.dircmp(tmp_path / "single", tmp_path / "web")
+    assert not cmp.diff_files and not cmp.left_only and not cmp.right_only, outs
+    assert len(json.loads((tmp_path / "web" / "manifest.json").read_text())["shards"]) > 3
