@@ -72,8 +72,9 @@ GLOBAL = [
     ("decoder.final_layernorm.weight", "model.norm.weight", COPY, ("h",), None),
     ("output_layer.weight", "lm_head.weight", COPY, ("v", "h"), None),
 ]
-# Some exporters repeat the shared embedding and head inside the MTP layer; they are copies of the
-# main model's and are not read.
+# The released checkpoints repeat the shared embedding and output head inside each MTP layer
+# (vLLM's and SGLang's MTP drafters read them from there): written on export as copies of the main
+# model's, not read on import.
 HF_MTP_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
 # Router weights Hugging Face's glm4_moe keeps (and saves) in fp32 whatever the model's dtype.
 HF_FP32 = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
@@ -149,6 +150,17 @@ def entries(cfg: ModelConfig) -> list[Entry]:
     return out
 
 
+def mtp_copies(cfg: ModelConfig) -> list[Entry]:
+    """The MTP layers' copies of the embedding and the output head, as entries that read the main
+    model's tensors (export only)."""
+    rows = {r[0]: r for r in GLOBAL}
+    out = []
+    for j in range(cfg.mtp_num_layers):
+        for mg, copy in zip(("embedding.word_embeddings.weight", "output_layer.weight"), HF_MTP_COPIES):
+            out.append(_entry(cfg, (mg, f"model.layers.{cfg.num_layers + j}.{copy}", COPY, rows[mg][3], None), "", ""))
+    return out
+
+
 def dist_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every model tensor of a dist checkpoint: key -> global shape."""
     out = {}
@@ -217,9 +229,9 @@ def hf_ignored(cfg: ModelConfig) -> set[str]:
 def hf_to_megatron(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Hugging Face state dict -> whole-model Megatron state dict."""
     table = entries(cfg)
-    mtp_copies = {f"model.layers.{cfg.num_layers + j}.{c}" for j in range(cfg.mtp_num_layers) for c in HF_MTP_COPIES}
-    empty = {k for k in empty_shared_experts(cfg) if k in state and state[k].numel() == 0}
-    _check_names({h for e in table for h in e.hf}, set(state.keys()) - mtp_copies - empty, "Hugging Face")
+    shared = empty_shared_experts(cfg)
+    ignored = {k for k in hf_ignored(cfg) if k not in shared or (k in state and state[k].numel() == 0)}
+    _check_names({h for e in table for h in e.hf}, set(state.keys()) - ignored, "Hugging Face")
     return {e.megatron: merge(cfg, e, [state[h] for h in e.hf]) for e in table}
 
 

@@ -130,7 +130,7 @@ def _numel(shape) -> int:
 def export(ckpt: str | Path, out: str | Path, dtype: str = "bf16", shard_size: str = "5GB",
            overwrite: bool = False, quiet: bool = False) -> Path:
     """A dist checkpoint (run directory or checkpoint directory) -> a Hugging Face directory."""
-    from model.hf_mapping import HF_FP32, empty_shared_experts, entries, hf_config, split
+    from model.hf_mapping import HF_FP32, empty_shared_experts, entries, hf_config, mtp_copies, split
     from pretrain import checkpoint
     from pretrain.checkpoint_io import TensorReader
     from pretrain.hf_dir import INDEX, ShardWriter, copy_side_files, parse_size
@@ -145,7 +145,7 @@ def export(ckpt: str | Path, out: str | Path, dtype: str = "bf16", shard_size: s
     def dtype_of(name: str) -> torch.dtype:
         return torch.float32 if name.endswith(HF_FP32) else out_dtype
 
-    table = entries(cfg)
+    table = entries(cfg) + mtp_copies(cfg)
     shards = _shards(table, dtype_of, limit)
     empty = empty_shared_experts(cfg)
     total = sum(dtype_of(h).itemsize * _numel(s) for e in table for h, s in zip(e.hf, e.hf_shapes))

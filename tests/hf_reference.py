@@ -129,8 +129,11 @@ def write_hf_dir(path, config: Glm4MoeConfig, seed: int = 0, dtype: torch.dtype 
 
         with safe_open(str(path / "model-00001-of-00001.safetensors"), "pt") as f:
             index = {"metadata": {}, "weight_map": {k: "model-00001-of-00001.safetensors" for k in f.keys()}}
-    weights = {k: v.to(torch.float32 if k.endswith(_FP32) else dtype).contiguous()
-               for k, v in mtp_hf_weights(mtp, config).items()}
+    pre = f"model.layers.{config.num_hidden_layers}."
+    copies = {pre + "embed_tokens.weight": model.model.embed_tokens.weight,  # as released checkpoints repeat them
+              pre + "shared_head.head.weight": model.lm_head.weight}
+    weights = {k: v.detach().to(torch.float32 if k.endswith(_FP32) else dtype).contiguous()
+               for k, v in {**mtp_hf_weights(mtp, config), **copies}.items()}
     save_file(weights, str(path / "model-mtp.safetensors"), metadata={"format": "pt"})
     index["weight_map"].update({k: "model-mtp.safetensors" for k in weights})
     index_path.write_text(json.dumps(index))

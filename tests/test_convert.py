@@ -111,6 +111,9 @@ def test_export_of_a_training_checkpoint_loads_in_transformers_with_the_same_log
     tokenizer = AutoTokenizer.from_pretrained(out)  # the training data's tokenizer, carried by the checkpoint
     assert tokenizer.eos_token == "<|endoftext|>" and tokenizer("a").input_ids == [2]
     assert GenerationConfig.from_pretrained(out).eos_token_id == 0
+    # the MTP layer's copies of the embedding and head, which vLLM's and SGLang's MTP drafters read
+    assert torch.equal(state["model.layers.3.embed_tokens.weight"], state["model.embed_tokens.weight"])
+    assert torch.equal(state["model.layers.3.shared_head.head.weight"], state["lm_head.weight"])
     bias = state["model.layers.1.mlp.gate.e_score_correction_bias"]
     assert bias.dtype == torch.float32 and bias.abs().max() > 0  # the trained expert bias, in fp32
 
