@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -111,7 +112,7 @@ def _shards(table, dtype_of, shard_size: int) -> list[list]:
     that alone in its own)."""
     shards, size = [[]], 0
     for e in table:
-        n = sum(dtype_of(h).itemsize * _numel(s) for h, s in zip(e.hf, e.hf_shapes))
+        n = sum(dtype_of(h).itemsize * math.prod(s) for h, s in zip(e.hf, e.hf_shapes))
         if shards[-1] and size + n > shard_size:
             shards.append([])
             size = 0
@@ -119,12 +120,6 @@ def _shards(table, dtype_of, shard_size: int) -> list[list]:
         size += n
     return shards
 
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def export(ckpt: str | Path, out: str | Path, dtype: str = "bf16", shard_size: str = "5GB",
@@ -148,7 +143,7 @@ def export(ckpt: str | Path, out: str | Path, dtype: str = "bf16", shard_size: s
     table = entries(cfg) + mtp_copies(cfg)
     shards = _shards(table, dtype_of, limit)
     empty = empty_shared_experts(cfg)
-    total = sum(dtype_of(h).itemsize * _numel(s) for e in table for h, s in zip(e.hf, e.hf_shapes))
+    total = sum(dtype_of(h).itemsize * math.prod(s) for e in table for h, s in zip(e.hf, e.hf_shapes))
     tmp = _staging(out, overwrite)
     weight_map = {}
     started = time.monotonic()
@@ -234,7 +229,7 @@ def import_(hf_dir: str | Path, out: str | Path, stage: str | None = None, paral
         else:
             p = pending.setdefault(e.dist, Pending(e.dist, (cfg.num_experts, *e.shape), dtype, []))
             p.chunks.append(Chunk((e.expert,) + (0,) * len(e.shape), (1, *e.shape), make))
-    total = sum(_numel(c.sizes) * p.dtype.itemsize for p in pending.values() for c in p.chunks)
+    total = sum(math.prod(c.sizes) * p.dtype.itemsize for p in pending.values() for c in p.chunks)
     tmp = _staging(out, overwrite)
     ckpt = tmp / "checkpoints" / checkpoint.step_name(0)
     started = time.monotonic()

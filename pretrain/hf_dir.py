@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import re
 import shutil
 import struct
@@ -138,9 +139,9 @@ class HFDir:
                 self.shapes[name] = shape
                 if name in want and dtype not in _FLOAT:
                     raise HFDirError(f"{self.dir / file}: {name} has dtype {dtype}, not floating point")
-                if dtype in _FLOAT and end - start != _numel(shape) * _ITEMSIZE[dtype]:
+                if dtype in _FLOAT and end - start != math.prod(shape) * _ITEMSIZE[dtype]:
                     raise HFDirError(f"{self.dir / file}: {name} takes {end - start} bytes, but {dtype} "
-                                     f"{list(shape)} needs {_numel(shape) * _ITEMSIZE[dtype]}")
+                                     f"{list(shape)} needs {math.prod(shape) * _ITEMSIZE[dtype]}")
         missing = sorted(set(want) - set(self.shapes) - set(empty_shared_experts(self.cfg)))
         unexpected = sorted(set(self.shapes) - set(want) - ignored)
         if missing or unexpected:
@@ -185,7 +186,7 @@ class ShardWriter:
         self.path, self.specs, self.next = path, specs, 0
         header, offset = {"__metadata__": {"format": "pt"}}, 0
         for name, dtype, shape in specs:
-            n = _numel(shape) * dtype.itemsize
+            n = math.prod(shape) * dtype.itemsize
             header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
             offset += n
         self.nbytes = offset
@@ -208,12 +209,6 @@ class ShardWriter:
             raise AssertionError(f"{self.path.name}: {len(self.specs) - self.next} tensors never written")
         self.file.close()
 
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def parse_size(text: str) -> int:

@@ -18,29 +18,17 @@ from model.hf_mapping import model_config_from_hf
 from pretrain import checkpoint
 from pretrain.checkpoint_io import Chunk, Pending, TensorReader, write_tensors
 from pretrain.convert import export, import_, main
-from pretrain.parallel import free_port
 from tests.hf_reference import hf_config, mtp_from_hf, mtp_reference_logits, write_hf_dir
 from tests.megatron_helpers import logits
+from tests.test_train import _env, _run
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4
 
 
-def _env(data_root: Path) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    return {**env, "GLM_DATA_ROOT": str(data_root), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-
-
 def _train(data_root: Path, run_dir: Path, *overrides: str) -> None:
     """The tiny experiment under torchrun with two processes, to its end or train.max_steps."""
-    for _ in range(3):  # a rendezvous port taken between its pick and torchrun's bind: another port
-        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-                            f"--master-port={free_port()}", "-m", "pretrain", "experiment=tiny", f"run.dir={run_dir}",
-                            *overrides], env=_env(data_root), cwd=ROOT, capture_output=True, text=True, timeout=600)
-        if "EADDRINUSE" not in p.stdout + p.stderr:
-            break
-    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    _run(data_root, run_dir, *overrides, nproc=2)
 
 
 def _tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
