@@ -16,6 +16,7 @@ samples do not depend on any other input, only the cut into shards does, and the
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing
 import os
@@ -234,14 +235,11 @@ def ranges(files: list[str], n: int) -> list[range]:
     byte midpoint falls in (parts may be empty when N exceeds the inputs). The same files give the
     same ranges."""
     sizes = [1 if f.startswith(inputs.EMBEDDED) else max(os.path.getsize(f), 1) for f in files]
-    total, cum = sum(sizes), 0
-    members: list[list[int]] = [[] for _ in range(n)]
-    for j, size in enumerate(sizes):
-        members[min(n - 1, int((cum + size / 2) * n / total))].append(j)
+    total, cum, counts = sum(sizes), 0, [0] * n
+    for size in sizes:
+        counts[min(n - 1, int((cum + size / 2) * n / total))] += 1
         cum += size
-    starts = [0]
-    for m in members:
-        starts.append(starts[-1] + len(m))
+    starts = list(itertools.accumulate(counts, initial=0))
     return [range(starts[i], starts[i + 1]) for i in range(n)]
 
 
@@ -432,15 +430,15 @@ def _merge_parts(writer: ShardWriter, files: list[str], opts: Options, tok, prog
         if len(rows) != part["samples"] or size != accounted:
             raise fmt.DataError(f"{at}: {len(rows)} samples in {_INDEX} ({part['samples']} in {_PART}), {size} bytes "
                                 f"in {_SAMPLES} ({accounted} in its index): the part is damaged, run it again")
-        parts.append((at, rows))
-    with tqdm(total=sum(int(r[:, 1].sum()) for _, r in parts), unit=" tok", unit_scale=True, disable=not progress,
-              file=sys.stderr, desc="merge") as bar:
-        for at, rows in parts:
+        parts.append((at, rows, part["per_input"]))
+    with tqdm(total=sum(int(r[:, 1].sum()) for _, r, _ in parts), unit=" tok", unit_scale=True,
+              disable=not progress, file=sys.stderr, desc="merge") as bar:
+        for at, rows, _ in parts:
             with open(at / _SAMPLES, "rb") as f:
                 for _, tokens, docs, n_tokens, n_meta in rows.tolist():
                     writer.write(tokens, docs, {"__key__": "", fmt.TOKENS: f.read(n_tokens), fmt.META: f.read(n_meta)})
                     bar.update(tokens)
-    return [item for at, _ in parts for item in json.loads((at / _PART).read_text())["per_input"]]
+    return [item for _, _, per_input in parts for item in per_input]
 
 
 def summary(manifest: dict, out: str) -> str:

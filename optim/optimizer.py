@@ -74,16 +74,13 @@ class Optimizer:
             self.by_rank[expert] = [[r for r, o in zip(group, deal) if o == k] for k in range(n)]
             self.loads[expert] = owners.loads(costs, deal, n)
         self.mine = [r for e in (False, True) for r in self.by_rank[e][_rank(_groups(e))]]
-        self.state: dict[str, dict[str, torch.Tensor]] = {}
-        self.steps = 0  # updates applied (AdamW bias correction counts these)
-        self.skipped_in_a_row = 0
         self.reset()
 
     def reset(self) -> None:
-        """Fresh state (zero moments, master copies of the current weights) and step count: for
-        weights loaded from elsewhere."""
-        self.state = {r.name: self._new_state(r) for r in self.mine}
-        self.steps = 0
+        """Fresh state (zero moments, master copies of the current weights) and step count: at
+        construction, and for weights loaded from elsewhere."""
+        self.state: dict[str, dict[str, torch.Tensor]] = {r.name: self._new_state(r) for r in self.mine}
+        self.steps = 0  # updates applied (AdamW bias correction counts these)
         self.skipped_in_a_row = 0
 
     def _new_state(self, role) -> dict[str, torch.Tensor]:

@@ -107,19 +107,18 @@ def _check_accounted(reader, cfg, ckpt: Path) -> None:
                                   f"(meta.json) gives {list(shape)}")
 
 
-def _shards(table, dtype_of, shard_size: int) -> list[list]:
+def _shards(table, nbytes, shard_size: int) -> list[list]:
     """Consecutive entries grouped into shards of at most `shard_size` bytes (an entry larger than
     that alone in its own)."""
     shards, size = [[]], 0
     for e in table:
-        n = sum(dtype_of(h).itemsize * math.prod(s) for h, s in zip(e.hf, e.hf_shapes))
+        n = nbytes(e)
         if shards[-1] and size + n > shard_size:
             shards.append([])
             size = 0
         shards[-1].append(e)
         size += n
     return shards
-
 
 
 def export(ckpt: str | Path, out: str | Path, dtype: str = "bf16", shard_size: str = "5GB",
@@ -140,10 +139,13 @@ def export(ckpt: str | Path, out: str | Path, dtype: str = "bf16", shard_size: s
     def dtype_of(name: str) -> torch.dtype:
         return torch.float32 if name.endswith(HF_FP32) else out_dtype
 
+    def nbytes(e) -> int:  # of an entry's Hugging Face tensors as written
+        return sum(dtype_of(h).itemsize * math.prod(s) for h, s in zip(e.hf, e.hf_shapes))
+
     table = entries(cfg) + mtp_copies(cfg)
-    shards = _shards(table, dtype_of, limit)
+    shards = _shards(table, nbytes, limit)
     empty = empty_shared_experts(cfg)
-    total = sum(dtype_of(h).itemsize * math.prod(s) for e in table for h, s in zip(e.hf, e.hf_shapes))
+    total = sum(nbytes(e) for e in table)
     tmp = _staging(out, overwrite)
     weight_map = {}
     started = time.monotonic()
