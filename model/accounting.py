@@ -95,32 +95,39 @@ def count_parameters(model: torch.nn.Module, cfg: ModelConfig) -> ParamCounts:
     return ParamCounts(main, mtp, emb, out, cfg.moe_router_topk / cfg.num_experts)
 
 
-def stage_parameters_per_gpu(model: torch.nn.Module, cfg: ModelConfig, parallel, stage_of_layer) -> list[float]:
-    """Parameters held by one GPU of each pipeline stage under the given layout (weights only).
-
-    `stage_of_layer(i)` gives the stage of decoder layer i. Embedding sits on the first stage;
-    final norm, output layer and MTP on the last (Megatron-Core's placement), which also holds a
-    copy of the embedding for MTP.
-    """
+def stages_holding(name: str, cfg: ModelConfig, parallel, stage_of_layer) -> list[int]:
+    """The pipeline stages that hold parameter `name` (whole-model name). `stage_of_layer(i)` gives
+    the stage of decoder layer i. Embedding sits on the first stage; final norm, output layer and
+    MTP on the last (Megatron-Core's placement), which also holds a copy of the embedding for MTP."""
     last = parallel.pipeline - 1
+    m = _LAYER.match(name)
+    if m:
+        return [stage_of_layer(int(m.group(1)))]
+    if name.startswith("embedding."):
+        return [0, last] if cfg.mtp_num_layers and last > 0 else [0]
+    return [last]
+
+
+def numel_per_gpu(name: str, p: torch.nn.Parameter, parallel) -> float:
+    """Elements of a whole-model parameter that one GPU of its stage holds: routed experts are
+    dealt over expert parallelism (a fraction, on average) and split over expert tensor
+    parallelism; other tensor-parallel weights are split over tensor parallelism."""
+    n = float(p.numel())
+    if part_of(name) == "experts":
+        n /= parallel.expert
+        if getattr(p, "tensor_model_parallel", False):
+            n /= parallel.expert_tensor
+    elif getattr(p, "tensor_model_parallel", False):
+        n /= parallel.tensor
+    return n
+
+
+def stage_parameters_per_gpu(model: torch.nn.Module, cfg: ModelConfig, parallel, stage_of_layer) -> list[float]:
+    """Parameters held by one GPU of each pipeline stage under the given layout (weights only)."""
     per_stage = [0.0] * parallel.pipeline
     for name, p in model.named_parameters():
-        m = _LAYER.match(name)
-        if m:
-            stages = [stage_of_layer(int(m.group(1)))]
-        elif name.startswith("embedding."):
-            stages = [0, last] if cfg.mtp_num_layers and last > 0 else [0]
-        else:
-            stages = [last]
-        n = float(p.numel())
-        if part_of(name) == "experts":
-            n /= parallel.expert
-            if getattr(p, "tensor_model_parallel", False):
-                n /= parallel.expert_tensor
-        elif getattr(p, "tensor_model_parallel", False):
-            n /= parallel.tensor
-        for stage in stages:
-            per_stage[stage] += n
+        for stage in stages_holding(name, cfg, parallel, stage_of_layer):
+            per_stage[stage] += numel_per_gpu(name, p, parallel)
     return per_stage
 
 

@@ -166,6 +166,8 @@ def build_model(m: ModelConfig, p: ParallelConfig | None = None, *, dtype: torch
             vp_stage=vp_stage,
         )
     _mark_expert_parameters(model)
+    if meta:
+        _mark_tensor_parallel(model)
     accept_segment_ids(model)  # packed documents: segment ids as the attention mask, for every impl
     if torch.cuda.is_available() and not meta:
         model.cuda(torch.cuda.current_device())
@@ -178,6 +180,24 @@ def build_chunks(m: ModelConfig, p: ParallelConfig, *, dtype: torch.dtype = torc
     if p.virtual_stages == 1:
         return [build_model(m, p, dtype=dtype, impl=impl)]
     return [build_model(m, p, dtype=dtype, impl=impl, vp_stage=v) for v in range(p.virtual_stages)]
+
+
+def _mark_tensor_parallel(model: GPTModel) -> None:
+    """Mark the weights split over tensor parallelism, which Megatron-Core does only while it
+    initialises them (a meta build does not): the accounting of a layout reads the marks."""
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+        set_tensor_model_parallel_attributes,
+    )
+
+    for module in model.modules():
+        dim = 0 if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)) else \
+            1 if isinstance(module, RowParallelLinear) else None
+        weight = getattr(module, "weight", None)
+        if dim is not None and weight is not None and not hasattr(weight, "tensor_model_parallel"):
+            set_tensor_model_parallel_attributes(weight, True, dim, 1)
 
 
 def _mark_expert_parameters(model: GPTModel) -> None:
