@@ -32,6 +32,16 @@ log = logging.getLogger(__name__)
 _BATCH_ELEMENTS = 1 << 28
 
 
+# The fp32 tensors kept for each parameter its rank owns, by side; plus an fp32 master copy of a
+# parameter that is not itself fp32.
+MOMENTS = {"muon": ("momentum",), "adam": ("exp_avg", "exp_avg_sq")}
+
+
+def state_bytes(side: str, numel: float, param_dtype: torch.dtype) -> float:
+    """Bytes of optimizer state for a parameter of `numel` elements on its owner rank."""
+    return 4 * numel * (len(MOMENTS[side]) + (param_dtype != torch.float32))
+
+
 @dataclass
 class StepInfo:
     grad_norm: float
@@ -85,14 +95,9 @@ class Optimizer:
 
     def _new_state(self, role) -> dict[str, torch.Tensor]:
         p = role.param.detach()
-        state = {}
-        if p.dtype != torch.float32:
-            state["master"] = p.float().clone()
-        if role.side == "muon":
-            state["momentum"] = torch.zeros_like(p, dtype=torch.float32)
-        else:
-            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+        state = {"master": p.float().clone()} if p.dtype != torch.float32 else {}
+        for name in MOMENTS[role.side]:
+            state[name] = torch.zeros_like(p, dtype=torch.float32)
         return state
 
     # ---- the step -------------------------------------------------------------------------

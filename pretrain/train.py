@@ -106,6 +106,11 @@ def _aux_scalars(model_cfg, n_micro: int, device: torch.device) -> dict:
     return {k: float(v) for k, v in out.items()}
 
 
+# Megatron DDP: gradients accumulate and are reduced in fp32 buffers (4 bytes per parameter, which
+# glm-plan counts), after the backward pass.
+DDP_SETTINGS = {"grad_reduce_in_fp32": True, "overlap_grad_reduce": False}
+
+
 class Trainer:
     """Everything the loop needs, built once; `run()` is the loop."""
 
@@ -123,7 +128,7 @@ class Trainer:
         self.dtype = model_dtype(cfg.train.dtype)
         # this rank's model chunks: one, or one per virtual pipeline stage (interleaved schedule)
         self.chunks = build_chunks(cfg.model, cfg.parallel, dtype=self.dtype, impl=cfg.train.impl)
-        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False)
+        ddp_config = DistributedDataParallelConfig(**DDP_SETTINGS)
         self.ddp = [DistributedDataParallel(c.config, ddp_config, c) for c in self.chunks]
         self.load = ExpertLoad(self.chunks)
         config = self.chunks[0].config  # shared by the chunks
