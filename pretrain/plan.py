@@ -1,0 +1,492 @@
+"""glm-plan: what a parallel layout needs per GPU, and which layouts fit a cluster.
+
+Given a model (or an experiment, whose stages give the sequence lengths and recomputation), a
+layout and the GPUs, it reports for each pipeline stage, per GPU:
+  - parameters, and the bytes of weights (bf16), gradients (Megatron DDP's fp32 buffers) and
+    optimizer state (fp32 master weights, Muon momentum or the two AdamW moments), owned under
+    ZeRO-1: parameters are dealt over the data-parallel group exactly as optim/owners.py deals
+    them, and the rank that owns the most is reported;
+  - activations per micro-batch with no, selective and full recomputation (model/memory.py),
+    times the micro-batches the pipeline schedule holds at once, plus what full recomputation
+    rebuilds during the backward pass and the output logits' gradient;
+  - whether it fits in the GPU memory less a reserve (CUDA context, NCCL buffers, allocator
+    fragmentation: not modelled) and, for a phase that does not fit, the recomputation or the
+    context parallelism (Transformer Engine only) it would need.
+Then FLOPs per token (model/accounting.py) and time per trillion tokens at a given MFU, and an
+estimate of a step: compute (slowest stage), pipeline bubble, and the TP, EP (all-to-all), DP
+and PP traffic over NVLink inside a node and InfiniBand between nodes, none of it overlapped.
+
+With only a GPU count and memory (no parallel.* override, no experiment layout) it lists the
+valid layouts that fit, ranked by that estimate.
+
+What it does not count: the Muon step's Newton-Schulz workspace (under 2 GiB, and activations are
+freed before the step), expert-load imbalance (loss-free balancing keeps it small; the worst
+expert's rows scale the routed-expert activations), and Transformer Engine's slightly smaller
+fused norms. tests/test_plan.py checks the memory figures against measured bytes on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+from model import memory, quiet_megatron_warnings
+from model.config import ConfigError, ModelConfig, ParallelConfig
+
+GiB = 2**30
+_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
+
+HELP_EPILOG = """\
+examples:
+  glm-plan experiment=glm45 --gpus 128                  the production layout, every stage
+  glm-plan model=glm45 parallel.tensor=2 parallel.pipeline=8 parallel.expert=16 --gpus 128 --gpu-memory 80
+  glm-plan experiment=glm45_air --gpus 32 --search      layouts that fit 32 GPUs, fastest first
+  glm-plan model=glm45_air --gpus 64 --gpu-memory 141 --gpu H200
+  glm-plan experiment=smoke --gpus 1 --gpu-memory 24 train.dtype=fp32
+
+Without an experiment the phases are sequence lengths (--seq-len, default 4096, 32768, 131072).
+Bandwidths are achievable bus bandwidths per GPU, not link peaks; MFU is that of the compute
+alone (bubble and communication come on top in the estimate).
+"""
+
+
+@dataclass
+class Hardware:
+    gpus: int
+    memory_gib: float = 80.0
+    per_node: int = 8
+    name: str = "H100"
+    mfu: float = 0.40
+    nvlink_gbs: float = 360.0
+    ib_gbs: float = 45.0
+    reserve_gib: float = 6.0
+
+    @property
+    def peak(self) -> float:
+        from pretrain.metrics import GPU_PEAK_TFLOPS
+
+        key = next((k for k in GPU_PEAK_TFLOPS if k.lower() == self.name.lower()), None)
+        if key is None:
+            raise ConfigError(f"--gpu {self.name!r}: not in pretrain/metrics.py GPU_PEAK_TFLOPS "
+                              f"({', '.join(GPU_PEAK_TFLOPS)})")
+        return GPU_PEAK_TFLOPS[key] * 1e12
+
+    @property
+    def usable(self) -> float:
+        return (self.memory_gib - self.reserve_gib) * GiB
+
+
+@dataclass
+class Phase:
+    """Consecutive stages that train at one sequence length with one recomputation setting."""
+    names: list[str]
+    seq_len: int
+    recompute: str | None  # None: not configured, the least that fits is reported
+    tokens: float = 0.0
+
+
+@dataclass
+class StageState:
+    """Per GPU of one pipeline stage: what does not depend on the batch."""
+    rank: int
+    layers: list[int]
+    chunks: list[dict]
+    params: float = 0.0
+    expert_params: float = 0.0
+    weights: float = 0.0
+    grads: float = 0.0
+    optimizer: dict = field(default_factory=lambda: {"muon": 0.0, "adam": 0.0})
+
+    @property
+    def static(self) -> float:
+        return self.weights + self.grads + sum(self.optimizer.values())
+
+
+@dataclass
+class Activations:
+    per_micro_batch: dict  # recompute -> bytes of one micro-batch on this stage
+    in_flight: float
+    transient: dict  # recompute -> bytes rebuilt or created during the backward pass
+
+    def peak(self, recompute: str) -> float:
+        return self.in_flight * self.per_micro_batch[recompute] + self.transient[recompute]
+
+
+class Planner:
+    """A model built once on the meta device; layouts evaluated against it."""
+
+    def __init__(self, m: ModelConfig, dtype: torch.dtype, micro_batch: int, global_batch_tokens: int,
+                 optim_name: str = "muon", qkv_split: str = "qkv", ns_steps: int = 5):
+        from model.build import build_model
+        from optim import roles
+        from pretrain.parallel import single_process
+
+        self.m, self.dtype, self.micro_batch = m, dtype, micro_batch
+        self.global_batch_tokens, self.ns_steps = global_batch_tokens, ns_steps
+        self.act_bytes = torch.finfo(dtype).bits // 8
+        with single_process():
+            self.model = build_model(m, ParallelConfig(), meta=True, impl="torch")
+            self.roles = roles.assign(self.model, muon=optim_name == "muon", qkv_split=qkv_split)
+
+    # ---- state that does not depend on the batch -----------------------------------------
+
+    def stages(self, p: ParallelConfig, world: int) -> list[StageState]:
+        from model.accounting import numel_per_gpu, stages_holding
+        from model.build import stage_plan
+        from optim import owners
+        from optim.optimizer import state_bytes
+        from pretrain.train import DDP_SETTINGS
+
+        chunks = p.virtual_stages
+        out = []
+        for r in range(p.pipeline):
+            plans = [stage_plan(self.m, p, r, v if chunks > 1 else None) for v in range(chunks)]
+            out.append(StageState(r, [i for c in plans for i in c["layers"]], plans))
+        stage_of = {i: s.rank for s in out for i in s.layers}
+        grad_bytes = 4 if DDP_SETTINGS["grad_reduce_in_fp32"] else self.act_bytes
+        local_experts = self.m.num_experts // p.expert
+        groups = {(r, e): [] for r in range(p.pipeline) for e in (False, True)}
+        for role in self.roles:
+            n = numel_per_gpu(role.name, role.param, p)
+            if role.expert:  # this GPU's experts: the first expert-parallel rank's, all alike
+                if int(_EXPERT.search(role.name).group(1)) >= local_experts:
+                    continue
+                n *= p.expert
+            for r in stages_holding(role.name, self.m, p, stage_of.__getitem__):
+                s = out[r]
+                s.params += n
+                s.expert_params += n if role.expert else 0.0
+                s.weights += n * self.act_bytes
+                s.grads += n * grad_bytes
+                groups[r, role.expert].append((role, n))
+        # the optimizer's groups: data x context parallel ranks, and expert data parallel ranks
+        dp = p.data(world) * p.context
+        edp = world // (p.expert * p.expert_tensor * p.pipeline)
+        for (r, expert), items in groups.items():
+            if not items:
+                continue
+            # ZeRO-1 as the optimizer does it: whole parameters dealt by update cost (adam's on
+            # the local piece), and the rank that owns the most bytes is the one that counts
+            costs = [dataclasses.replace(role, param=torch.empty(int(n), device="meta")).cost(self.ns_steps)
+                     for role, n in items]
+            ranks = edp if expert else dp
+            deal = owners.deal(costs, ranks)
+            per_rank = [{"muon": 0.0, "adam": 0.0} for _ in range(ranks)]
+            for (role, n), o in zip(items, deal):
+                per_rank[o][role.side] += state_bytes(role.side, n, self.dtype)
+            worst = max(per_rank, key=lambda d: d["muon"] + d["adam"])
+            for side in worst:
+                out[r].optimizer[side] += worst[side]
+        return out
+
+    # ---- activations ---------------------------------------------------------------------
+
+    def microbatches(self, p: ParallelConfig, world: int, seq_len: int) -> int:
+        seqs = self.global_batch_tokens // seq_len
+        return max(1, seqs // (self.micro_batch * p.data(world)))
+
+    def activations(self, p: ParallelConfig, world: int, stage: StageState, seq_len: int) -> Activations:
+        shape = memory.Shape(seq_len, self.micro_batch, self.act_bytes)
+        output = stage.rank == p.pipeline - 1
+        per_mb = {rc: sum(sum(memory.stage_bytes(self.m, p, shape, rc, c["layers"], c["embedding"],
+                                                 c["output"]).values()) for c in stage.chunks)
+                  for rc in memory.RECOMPUTE}
+        logits_grad = (shape.tokens(p) * self.m.vocab_size / p.tensor * self.act_bytes) if output else 0.0
+        rebuild = memory.recompute_working_set(self.m, p, shape, stage.layers, output)
+        transient = {rc: logits_grad + (rebuild if rc == "full" else 0.0) for rc in memory.RECOMPUTE}
+        inflight = memory.in_flight(p, stage.rank, self.microbatches(p, world, seq_len))
+        return Activations(per_mb, inflight, transient)
+
+    def least_fitting(self, p, world, states, seq_len, hw: Hardware) -> str | None:
+        """The least recomputation with which every stage fits, or None."""
+        for rc in memory.RECOMPUTE:
+            if all(s.static + self.activations(p, world, s, seq_len).peak(rc) <= hw.usable for s in states):
+                return rc
+        return None
+
+    def context_needed(self, p: ParallelConfig, world: int, seq_len: int, hw: Hardware) -> int | None:
+        """The smallest context parallelism (full recomputation) that fits, or None up to 32."""
+        for cp in (2, 4, 8, 16, 32):
+            q = dataclasses.replace(p, context=cp)
+            if world % (q.tensor * q.pipeline * cp) or q.data(world) < 1:
+                return None
+            states = self.stages(q, world)
+            if all(s.static + self.activations(q, world, s, seq_len).peak("full") <= hw.usable for s in states):
+                return cp
+        return None
+
+    # ---- time ----------------------------------------------------------------------------
+
+    def step_estimate(self, p: ParallelConfig, world: int, seq_len: int, recompute: str, hw: Hardware,
+                      states: list[StageState]) -> dict:
+        """Seconds of one step at the full global batch: compute of the slowest stage at the given
+        MFU, pipeline bubble, and each kind of communication at its link's bandwidth."""
+        from model import pipeline
+        from model.accounting import train_flops_per_token
+
+        m, a = self.m, self.act_bytes
+        flops = train_flops_per_token(m, seq_len) * self.global_batch_tokens / world
+        if p.pipeline > 1:
+            first, last = pipeline.split(m, p)
+            costs = pipeline.stage_costs(m, p.pipeline, first or m.num_layers // p.pipeline,
+                                         last or m.num_layers // p.pipeline, seq_len)
+            flops *= max(costs) / (sum(costs) / len(costs))
+        compute = flops / (hw.peak * hw.mfu)
+        if recompute == "full":
+            compute *= 4 / 3  # one more forward pass
+        mb = self.microbatches(p, world, seq_len)
+        tokens = seq_len * self.micro_batch / p.context  # one micro-batch on one GPU
+        layers = max(len(s.layers) for s in states)
+        moe_layers = max(sum(i >= m.first_k_dense for i in s.layers) for s in states) + m.mtp_num_layers
+
+        def bw(group: int, stride: int) -> float:
+            return (hw.nvlink_gbs if group * stride <= hw.per_node else hw.ib_gbs) * 1e9
+
+        t, e, etp = p.tensor, p.expert, p.expert_tensor
+        passes = 3 if recompute == "full" else 2  # forward (again) and backward
+        out = {"compute": compute, "bubble": compute * memory.bubble(p, mb)}
+        tp_bytes = 4 * passes * (t - 1) / t * tokens * m.hidden_size * a * layers * mb
+        out["TP"] = tp_bytes / bw(t, 1) if t > 1 else 0.0
+        ep_group = e * etp
+        ep_bytes = 2 * passes * m.moe_router_topk * tokens / t * m.hidden_size * a * moe_layers * mb
+        if ep_group > 1:
+            inside = min(ep_group, hw.per_node) / ep_group
+            ep_bytes *= (ep_group - 1) / ep_group
+            out["EP"] = ep_bytes * inside / (hw.nvlink_gbs * 1e9) + ep_bytes * (1 - inside) / (hw.ib_gbs * 1e9)
+        else:
+            out["EP"] = 0.0
+        dp, edp = p.data(world) * p.context, world // (ep_group * p.pipeline)
+        worst = max(states, key=lambda s: s.grads)
+        share = worst.expert_params / max(worst.params, 1.0)
+
+        def ring(n: int) -> float:  # all-reduce traffic per byte per GPU; an all-gather is half
+            return 2 * (n - 1) / n
+
+        dense_bw, expert_bw = bw(dp, t * p.context), bw(edp, ep_group)
+        out["DP"] = (worst.grads * ((1 - share) * ring(dp) / dense_bw + share * ring(edp) / expert_bw)
+                     + worst.weights * ((1 - share) * ring(dp) / 2 / dense_bw + share * ring(edp) / 2 / expert_bw))
+        stage_gpus = world // p.pipeline
+        # each micro-batch crosses every stage boundary forwards and backwards (per model chunk)
+        out["PP"] = (2 * tokens / t * m.hidden_size * a * mb * p.virtual_stages
+                     / bw(2, stage_gpus)) if p.pipeline > 1 else 0.0
+        out["total"] = sum(out.values())
+        out["mfu"] = train_flops_per_token(m, seq_len) * self.global_batch_tokens / world / (hw.peak * out["total"])
+        return out
+
+
+# ---- phases and layouts ----------------------------------------------------------------------
+
+
+def phases_of(cfg, seq_lens: list[int] | None) -> list[Phase]:
+    """The experiment's stages, merged where sequence length and recomputation agree; or the
+    given sequence lengths."""
+    from pretrain import stages as stages_mod
+
+    if seq_lens or not cfg.stages:
+        return [Phase([f"seq {s}"], s, None) for s in (seq_lens or [4096, 32768, 131072])]
+    st = stages_mod.Stages(cfg)
+    out: list[Phase] = []
+    for s in st.list:
+        seq = cfg.stage_data[s.name].seq_length
+        rc = stages_mod.settings(st, s, cfg.model)["recompute"]
+        if out and (out[-1].seq_len, out[-1].recompute) == (seq, rc):
+            out[-1].names.append(s.name)
+            out[-1].tokens += s.cfg.tokens
+        else:
+            out.append(Phase([s.name], seq, rc, s.cfg.tokens))
+    return out
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def candidate_layouts(m: ModelConfig, world: int, per_node: int) -> list[ParallelConfig]:
+    """Every layout Megatron-Core accepts for this model and world size: tensor within a node,
+    experts whole (expert_tensor 1), one model chunk per stage, no context parallelism."""
+    out = []
+    for t in (d for d in _divisors(per_node) if d <= per_node):
+        for pp in (d for d in _divisors(world) if d <= m.num_layers):
+            for e in _divisors(m.num_experts):
+                p = ParallelConfig(tensor=t, pipeline=pp, expert=e)
+                try:
+                    p.validate(m, world)
+                except ConfigError:
+                    continue
+                if p.data(world) * t * pp != world:
+                    continue
+                out.append(p)
+    return out
+
+
+# ---- printing --------------------------------------------------------------------------------
+
+
+def _g(x: float) -> str:
+    return f"{x / GiB:.1f}"
+
+
+def _human(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 86400:.1f} days" if seconds >= 86400 else f"{seconds / 3600:.1f} h"
+
+
+def layout_name(p: ParallelConfig, world: int) -> str:
+    return (f"TP{p.tensor} PP{p.pipeline}" + (f"x{p.virtual_stages}v" if p.virtual_stages > 1 else "")
+            + f" EP{p.expert}" + (f" ETP{p.expert_tensor}" if p.expert_tensor > 1 else "")
+            + (f" CP{p.context}" if p.context > 1 else "") + f" DP{p.data(world)}")
+
+
+def report(planner: Planner, p: ParallelConfig, hw: Hardware, phases: list[Phase]) -> str:
+    from model.accounting import count_parameters, train_flops_per_token
+    from pretrain.info import placement
+
+    m, world = planner.m, hw.gpus
+    states = planner.stages(p, world)
+    counts = count_parameters(planner.model, m)
+    edp = world // (p.expert * p.expert_tensor * p.pipeline)
+    dtype = str(planner.dtype).replace("torch.", "")
+    lines = [f"model {m.name}: {_human(counts.default_total)} total, {_human(counts.default_active)} active; "
+             f"{world} x {hw.name} {hw.memory_gib:g} GiB ({hw.per_node} per node), {_g(hw.usable)} GiB usable "
+             f"({hw.reserve_gib:g} GiB reserved)",
+             f"layout {layout_name(p, world)} (expert data {edp}); {dtype} weights, fp32 gradients, "
+             f"optimizer state ZeRO-1 over data parallelism", ""]
+    lines += placement(m, p, planner.model) if p.pipeline > 1 else []
+    lines += ["", "per GPU (GiB)    params   weights  grads  optimizer (muon + adam)  static"]
+    for s in states:
+        lines.append(f"  stage {s.rank:<3d} {_human(s.params):>10s} {_g(s.weights):>8s} {_g(s.grads):>6s} "
+                     f"{_g(sum(s.optimizer.values())):>9s} ({_g(s.optimizer['muon'])} + {_g(s.optimizer['adam'])})"
+                     f"{_g(s.static):>12s}")
+    for ph in phases:
+        mb = planner.microbatches(p, world, ph.seq_len)
+        acts = [planner.activations(p, world, s, ph.seq_len) for s in states]
+        fit = planner.least_fitting(p, world, states, ph.seq_len, hw)
+        rc = ph.recompute or fit or "full"
+        lines += ["", f"phase {', '.join(ph.names)}: seq {ph.seq_len}, micro-batch {planner.micro_batch}, "
+                      f"{mb} micro-batches per step, bubble {memory.bubble(p, mb):.1%}, recompute {rc}"
+                      + ("" if ph.recompute else " (least that fits)"),
+                  "  activations (GiB)  per micro-batch: none / selective / full   in flight  "
+                  "held + transient   total   of usable"]
+        for s, act in zip(states, acts):
+            total = s.static + act.peak(rc)
+            pm = act.per_micro_batch
+            lines.append(f"  stage {s.rank:<3d} {_g(pm['none']):>26s} / {_g(pm['selective']):>6s} / {_g(pm['full']):>6s}"
+                         f" {act.in_flight:>9.1f} {_g(act.in_flight * pm[rc]):>11s} + {_g(act.transient[rc]):<6s}"
+                         f"{_g(total):>8s}   {total / hw.usable:5.0%}{'' if total <= hw.usable else '  DOES NOT FIT'}")
+        if fit is None:
+            cp = planner.context_needed(p, world, ph.seq_len, hw)
+            lines.append("  does not fit with any recomputation: " +
+                         (f"parallel.context={cp} with full recomputation fits (context parallelism needs "
+                          "Transformer Engine)" if cp else "no context parallelism fits this layout either; more tensor or pipeline "
+                          "parallelism, or more GPUs, would (glm-plan --search)"))
+        elif ph.recompute and memory.RECOMPUTE.index(fit) > memory.RECOMPUTE.index(ph.recompute):
+            lines.append(f"  recompute {ph.recompute} does not fit; {fit} does (stages.<name>.recompute={fit})")
+        flops = train_flops_per_token(m, ph.seq_len)
+        est = planner.step_estimate(p, world, ph.seq_len, rc, hw, states)
+        ideal = 1e12 * flops / (world * hw.peak * hw.mfu)
+        lines.append(f"  {flops / 1e9:.1f} GFLOP per token; 1T tokens in {_duration(ideal)} at {hw.mfu:.0%} MFU"
+                     f" on {world} GPUs")
+        lines.append("  step estimate: " + ", ".join(f"{k} {v:.2f} s" for k, v in est.items()
+                                                   if k not in ("total", "mfu"))
+                     + f" = {est['total']:.2f} s ({est['mfu']:.0%} MFU): 1T tokens in "
+                     f"{_duration(est['total'] * 1e12 / planner.global_batch_tokens)}"
+                     + (f", this phase ({ph.tokens / 1e9:g}B tokens) {_duration(est['total'] * ph.tokens / planner.global_batch_tokens)}"
+                        if ph.tokens else ""))
+    return "\n".join(lines)
+
+
+def search(planner: Planner, hw: Hardware, phases: list[Phase], top: int) -> str:
+    world, m = hw.gpus, planner.m
+    main = max(phases, key=lambda ph: ph.tokens) if any(ph.tokens for ph in phases) else phases[0]
+    rows = []
+    for p in candidate_layouts(m, world, hw.per_node):
+        states = planner.stages(p, world)
+        if any(s.static > hw.usable for s in states):
+            continue
+        fit = planner.least_fitting(p, world, states, main.seq_len, hw)
+        if fit is None:
+            continue
+        rc = main.recompute if main.recompute and memory.RECOMPUTE.index(main.recompute) >= memory.RECOMPUTE.index(fit) else fit
+        est = planner.step_estimate(p, world, main.seq_len, rc, hw, states)
+        peak = max(s.static + planner.activations(p, world, s, main.seq_len).peak(rc) for s in states)
+        others = []
+        for ph in phases:
+            if ph is main:
+                continue
+            f = planner.least_fitting(p, world, states, ph.seq_len, hw)
+            cp = None if f else planner.context_needed(p, world, ph.seq_len, hw)
+            others.append(f"{ph.seq_len // 1024}K: " + (f or (f"CP{cp}" if cp else "no CP fits")))
+        rows.append((est["total"], p, rc, peak, est, others))
+    rows.sort(key=lambda r: r[0])
+    if not rows:
+        return f"no layout of {m.name} fits {world} x {hw.memory_gib:g} GiB at seq {main.seq_len}"
+    lines = [f"{len(rows)} layouts of {m.name} fit {world} x {hw.name} {hw.memory_gib:g} GiB at seq {main.seq_len} "
+             f"({', '.join(main.names)}); fastest first (estimate at {hw.mfu:.0%} compute MFU):",
+             f"  {'layout':24s} {'recompute':9s} {'peak GiB':>8s} {'step s':>7s} {'bubble':>6s} {'TP':>5s} {'EP':>5s} "
+             f"{'DP':>5s} {'MFU':>4s}  other phases (least recompute, or CP needed)"]
+    for total, p, rc, peak, est, others in rows[:top]:
+        lines.append(f"  {layout_name(p, world):24s} {rc:9s} {_g(peak):>8s} {total:7.2f} {est['bubble']:6.2f} "
+                     f"{est['TP']:5.2f} {est['EP']:5.2f} {est['DP']:5.2f} {est['mfu']:4.0%}  {'; '.join(others)}")
+    if len(rows) > top:
+        lines.append(f"  ... {len(rows) - top} more (--top)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="glm-plan", description=__doc__, epilog=HELP_EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides: model=..., experiment=..., parallel.X=...")
+    parser.add_argument("--gpus", type=int, required=True, help="GPUs in the job (the world size)")
+    parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
+    parser.add_argument("--gpu", default="H100", help="GPU kind, for its bf16 peak FLOP/s (default H100)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="default 8")
+    parser.add_argument("--mfu", type=float, default=0.40, help="compute efficiency for time estimates (default 0.40)")
+    parser.add_argument("--nvlink-gbs", type=float, default=360.0, help="GB/s per GPU inside a node (default 360)")
+    parser.add_argument("--ib-gbs", type=float, default=45.0, help="GB/s per GPU between nodes (default 45)")
+    parser.add_argument("--reserve", type=float, default=6.0,
+                        help="GiB per GPU kept free for the CUDA context, NCCL and fragmentation (default 6)")
+    parser.add_argument("--seq-len", type=int, action="append",
+                        help="phase sequence length (repeatable); default: the experiment's stages")
+    parser.add_argument("--search", action="store_true", help="rank every layout that fits instead")
+    parser.add_argument("--top", type=int, default=15, help="layouts listed by --search (default 15)")
+    parser.add_argument("--config-dir", default=None, help="config tree to use instead of the bundled configs/")
+    args = parser.parse_args(argv)
+    quiet_megatron_warnings()
+
+    from pretrain.config import compose
+
+    hw = Hardware(args.gpus, args.gpu_memory, args.gpus_per_node, args.gpu, args.mfu, args.nvlink_gbs,
+                  args.ib_gbs, args.reserve)
+    try:
+        if args.gpus < 1 or args.gpu_memory <= args.reserve:
+            raise ConfigError(f"--gpus={args.gpus} must be positive and --gpu-memory={args.gpu_memory:g} "
+                              f"above --reserve={args.reserve:g}")
+        if not 0 < args.mfu <= 1:
+            raise ConfigError(f"--mfu={args.mfu} must lie in (0, 1]")
+        hw.peak  # noqa: B018 (validates --gpu)
+        cfg = compose(args.overrides, config_dir=args.config_dir)
+        layout_given = any(o.startswith(("parallel", "+parallel")) for o in args.overrides)
+        searching = args.search or (not layout_given and cfg.parallel == ParallelConfig() and args.gpus > 1)
+        if not searching:
+            cfg.parallel.validate(cfg.model, args.gpus, cfg.sources.get("parallel", "parallel"))
+        dtype = torch.float32 if cfg.train.dtype == "fp32" else torch.bfloat16
+        planner = Planner(cfg.model, dtype, cfg.train.micro_batch_size, cfg.train.global_batch_tokens,
+                          cfg.optim.name, cfg.optim.muon.qkv_split, cfg.optim.muon.ns_steps)
+        phases = phases_of(cfg, args.seq_len)
+    except ConfigError as e:
+        print(f"glm-plan: {e}", file=sys.stderr)
+        return 2
+    print(search(planner, hw, phases, args.top) if searching else report(planner, cfg.parallel, hw, phases))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""glm-plan's memory figures against what training actually holds on CPU: the bytes of weights,
+Megatron DDP's gradient buffers and the optimizer's state, and the bytes autograd saves for the
+backward pass (`torch.autograd.graph.saved_tensors_hooks`), single-process and under TP/EP/DP."""
+
+import pytest
+import torch
+
+from model import memory
+from model.config import ParallelConfig
+from tests import spawn
+
+# The stated margins (README): activations within 2% of the saved bytes, state within 1%
+# (Megatron DDP pads its gradient buffers).
+ACTIVATION_MARGIN = 0.02
+STATE_MARGIN = 0.01
+SEQ = {"smoke": (256, 4), "tiny": (64, 2)}  # sequence length, micro-batch
+
+
+def _saved_bytes(model, ids) -> int:
+    """Bytes of the distinct storages autograd keeps for one forward pass, parameters excluded."""
+    from model.build import position_ids
+
+    params = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids, position_ids(ids), None, labels=ids)
+    return sum(seen.values())
+
+
+def _set_recompute(model, cfg, recompute: str) -> None:
+    from pretrain import stages
+
+    stages.apply({"rope_theta": cfg.rope_theta, "expert_bias_update_rate": 0.0,
+                  "mtp_loss_weight": cfg.mtp_loss_weight, "recompute": recompute}, model)
+
+
+def _measure(model_cfg, parallel, dtype, seq, micro, recomputes, seed=0) -> dict:
+    """On this rank: weights, gradient buffers and optimizer state (bytes), and saved activations
+    per recomputation setting, of the model under `parallel` (process groups must exist)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from model.build import build_model
+    from optim.config import OptimConfig
+    from optim.optimizer import Optimizer
+    from pretrain.train import DDP_SETTINGS
+
+    torch.manual_seed(seed)
+    model = build_model(model_cfg, parallel, dtype=dtype, impl="torch")
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(**DDP_SETTINGS), model)
+    opt = Optimizer(model, OptimConfig())
+    out = {"weights": sum(p.nbytes for p in model.parameters()),
+           "grads": sum(b.grad_data.nbytes for b in [*ddp.buffers, *ddp.expert_parallel_buffers]),
+           "optimizer": sum(t.nbytes for s in opt.state.values() for t in s.values())}
+    ids = torch.randint(0, model_cfg.vocab_size, (micro, seq))
+    for rc in recomputes:
+        _set_recompute(model, model_cfg, rc)
+        out[rc] = _saved_bytes(model, ids)
+    return out
+
+
+def _planned(model_cfg, parallel, world, dtype, seq, micro) -> tuple:
+    from pretrain.plan import Planner
+
+    planner = Planner(model_cfg, dtype, micro, seq * micro * parallel.data(world))
+    (stage,) = planner.stages(parallel, world)
+    return planner, stage, planner.activations(parallel, world, stage, seq)
+
+
+def _close(got: float, want: float, margin: float, what: str) -> None:
+    assert abs(want - got) <= margin * got, f"{what}: planned {want:,.0f} bytes, measured {got:,.0f} ({want / got - 1:+.2%})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", ["smoke", "tiny"])
+def test_single_gpu_memory_matches_measured(world1, name, dtype):
+    from pretrain.config import compose
+
+    m = compose([f"model={name}"]).model
+    seq, micro = SEQ[name]
+    got = _measure(m, ParallelConfig(), dtype, seq, micro, memory.RECOMPUTE)
+    _, stage, act = _planned(m, ParallelConfig(), 1, dtype, seq, micro)
+    _close(got["weights"], stage.weights, 0.0, "weights")
+    _close(got["grads"], stage.grads, STATE_MARGIN, "gradient buffers")
+    _close(got["optimizer"], sum(stage.optimizer.values()), 0.0, "optimizer state")
+    for rc in memory.RECOMPUTE:
+        _close(got[rc], act.per_micro_batch[rc], ACTIVATION_MARGIN, f"activations, recompute {rc}")
+    # and the whole: what the CPU holds at the end of the forward pass
+    peak = got["weights"] + got["grads"] + got["optimizer"] + got["none"]
+    _close(peak, stage.static + act.per_micro_batch["none"], ACTIVATION_MARGIN, "peak")
+
+
+def _ranked(rank, layout):
+    from pretrain.config import compose
+    from pretrain.parallel import init_distributed, shutdown_distributed
+
+    parallel = ParallelConfig(**layout)
+    init_distributed(parallel)
+    try:
+        m = compose(["model=tiny"]).model
+        seq, micro = SEQ["tiny"]
+        return _measure(m, parallel, torch.float32, seq, micro, ("none", "full"), seed=rank)
+    finally:
+        shutdown_distributed()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout", [dict(expert=2), dict(tensor=2, expert=2)], ids=["ep2-dp2", "tp2-ep2"])
+def test_parallel_memory_matches_measured(tmp_path, layout):
+    """Two gloo ranks: data parallelism deals the optimizer state (the planner reports the rank that
+    owns the most), sequence and tensor parallelism split activations, expert parallelism deals the
+    experts and their rows (routing decides each rank's rows, so activations compare on average)."""
+    from pretrain.config import compose
+
+    m = compose(["model=tiny"]).model
+    parallel = ParallelConfig(**layout)
+    got = spawn.run(_ranked, 2, layout, out_dir=str(tmp_path))
+    seq, micro = SEQ["tiny"]
+    _, stage, act = _planned(m, parallel, 2, torch.float32, seq, micro)
+    for r in got:
+        _close(r["weights"], stage.weights, 0.0, "weights")
+        _close(r["grads"], stage.grads, STATE_MARGIN, "gradient buffers")
+    _close(max(r["optimizer"] for r in got), sum(stage.optimizer.values()), 0.0, "optimizer state, largest owner")
+    for rc in ("none", "full"):
+        mean = sum(r[rc] for r in got) / len(got)
+        _close(mean, act.per_micro_batch[rc], ACTIVATION_MARGIN, f"activations per rank, recompute {rc}")
+
+
+def test_pipeline_in_flight_follows_megatron_schedules():
+    """1F1B holds p - rank micro-batches; the interleaved schedule's warm-up, in model chunks."""
+    p = ParallelConfig(pipeline=4)
+    assert [memory.in_flight(p, r, 64) for r in range(4)] == [4, 3, 2, 1]
+    assert memory.in_flight(p, 0, 2) == 2  # fewer micro-batches than stages
+    v = ParallelConfig(pipeline=4, virtual_stages=2)
+    # rank 0: 2 * 3 + 1 * 4 warm-up chunk forwards + 1, each half a stage
+    assert memory.in_flight(v, 0, 64) == 5.5 and memory.in_flight(v, 3, 64) == 2.5
+    assert memory.bubble(p, 64) == 3 / 64 and memory.bubble(v, 64) == 3 / 128
+
+
+def test_cli_reports_the_production_layout(capsys):
+    from pretrain import plan
+
+    assert plan.main(["experiment=glm45_air", "--gpus", "32"]) == 0
+    out = capsys.readouterr().out
+    for stage in range(4):
+        assert f"stage {stage}" in out
+    assert "phase general, code_reasoning: seq 4096" in out and "phase long_context_agent: seq 131072" in out
+    assert "95.4 GFLOP per token" in out  # Megatron's formula, as model/accounting.py reproduces it
+    assert "step estimate" in out
+
+
+def test_cli_refuses_a_bad_layout_and_ranks_layouts(capsys):
+    from pretrain import plan
+
+    assert plan.main(["model=tiny", "parallel.expert=3", "--gpus", "6"]) == 2
+    assert "parallel.expert=3 does not divide model.num_experts=8" in capsys.readouterr().err
+    assert plan.main(["model=tiny", "--gpus", "1", "--gpu-memory", "4", "--reserve", "8"]) == 2
+    assert "--reserve" in capsys.readouterr().err
+
+    assert plan.main(["model=tiny", "--gpus", "4", "--gpu-memory", "8", "--reserve", "1", "--seq-len", "64"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split()[0:4] for line in out.splitlines()[2:] if line.startswith("  TP")]
+    assert rows and all(r[-1] == "DP" + str(4 // (int(r[0][2:]) * int(r[1][2:]))) for r in rows), out
+    steps = [float(line.split()[6]) for line in out.splitlines()[2:] if line.startswith("  TP")]
+    assert steps == sorted(steps)
