@@ -45,12 +45,16 @@ def _measure(model_cfg, parallel, dtype, seq, micro, recomputes, seed=0) -> dict
     """On this rank: weights, gradient buffers and optimizer state (bytes), and saved activations
     per recomputation setting, of the model under `parallel` (process groups must exist)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
     from model.build import build_model
     from optim.config import OptimConfig
     from optim.optimizer import Optimizer
     from pretrain.train import DDP_SETTINGS
 
+    # Megatron's balance-loss tracker is process-wide and sized by the first model that logs to
+    # it; this worker may have run a model of another depth before
+    get_moe_layer_wise_logging_tracker().clear()
     torch.manual_seed(seed)
     model = build_model(model_cfg, parallel, dtype=dtype, impl="torch")
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(**DDP_SETTINGS), model)
