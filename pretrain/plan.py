@@ -19,7 +19,7 @@ and PP traffic over NVLink inside a node and InfiniBand between nodes, none of i
 With only a GPU count and memory (no parallel.* override, no experiment layout) it lists the
 valid layouts that fit, ranked by that estimate.
 
-What it does not count: the Muon step's Newton-Schulz workspace (under 2 GiB, and activations are
+What it does not count: the Muon step's Newton-Schulz workspace (about 2 GiB at most, and activations are
 freed before the step), expert-load imbalance (loss-free balancing keeps it small; the worst
 expert's rows scale the routed-expert activations), and Transformer Engine's slightly smaller
 fused norms. tests/test_plan.py checks the memory figures against measured bytes on CPU.
@@ -310,17 +310,14 @@ def candidate_layouts(m: ModelConfig, world: int, per_node: int) -> list[Paralle
     """Every layout Megatron-Core accepts for this model and world size: tensor within a node,
     experts whole (expert_tensor 1), one model chunk per stage, no context parallelism."""
     out = []
-    for t in (d for d in _divisors(per_node) if d <= per_node):
+    for t in _divisors(per_node):
         for pp in (d for d in _divisors(world) if d <= m.num_layers):
             for e in _divisors(m.num_experts):
                 p = ParallelConfig(tensor=t, pipeline=pp, expert=e)
                 try:
-                    p.validate(m, world)
+                    out.append(p.validate(m, world))
                 except ConfigError:
                     continue
-                if p.data(world) * t * pp != world:
-                    continue
-                out.append(p)
     return out
 
 
@@ -333,6 +330,13 @@ def _g(x: float) -> str:
 
 def _human(n: float) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def _count(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:g}{unit}"
+    return f"{n:g}"
 
 
 def _duration(seconds: float) -> str:
@@ -359,8 +363,8 @@ def report(planner: Planner, p: ParallelConfig, hw: Hardware, phases: list[Phase
              f"({hw.reserve_gib:g} GiB reserved)",
              f"layout {layout_name(p, world)} (expert data {edp}); {dtype} weights, fp32 gradients, "
              f"optimizer state ZeRO-1 over data parallelism", ""]
-    lines += placement(m, p, planner.model) if p.pipeline > 1 else []
-    lines += ["", "per GPU (GiB)    params   weights  grads  optimizer (muon + adam)  static"]
+    lines += [*placement(m, p, planner.model), ""] if p.pipeline > 1 else []
+    lines += ["per GPU (GiB)    params   weights  grads  optimizer (muon + adam)  static"]
     for s in states:
         lines.append(f"  stage {s.rank:<3d} {_human(s.params):>10s} {_g(s.weights):>8s} {_g(s.grads):>6s} "
                      f"{_g(sum(s.optimizer.values())):>9s} ({_g(s.optimizer['muon'])} + {_g(s.optimizer['adam'])})"
@@ -378,27 +382,28 @@ def report(planner: Planner, p: ParallelConfig, hw: Hardware, phases: list[Phase
         for s, act in zip(states, acts):
             total = s.static + act.peak(rc)
             pm = act.per_micro_batch
-            lines.append(f"  stage {s.rank:<3d} {_g(pm['none']):>26s} / {_g(pm['selective']):>6s} / {_g(pm['full']):>6s}"
-                         f" {act.in_flight:>9.1f} {_g(act.in_flight * pm[rc]):>11s} + {_g(act.transient[rc]):<6s}"
-                         f"{_g(total):>8s}   {total / hw.usable:5.0%}{'' if total <= hw.usable else '  DOES NOT FIT'}")
+            lines.append(f"  stage {s.rank:<3d} {_g(pm['none']):>26s} / {_g(pm['selective']):>6s} / "
+                         f"{_g(pm['full']):>6s} {act.in_flight:>9.1f} {_g(act.in_flight * pm[rc]):>11s} + "
+                         f"{_g(act.transient[rc]):<6s}{_g(total):>8s}   {total / hw.usable:5.0%}"
+                         + ("" if total <= hw.usable else "  DOES NOT FIT"))
         if fit is None:
             cp = planner.context_needed(p, world, ph.seq_len, hw)
-            lines.append("  does not fit with any recomputation: " +
-                         (f"parallel.context={cp} with full recomputation fits (context parallelism needs "
-                          "Transformer Engine)" if cp else "no context parallelism fits this layout either; more tensor or pipeline "
-                          "parallelism, or more GPUs, would (glm-plan --search)"))
+            lines.append("  does not fit with any recomputation: " + (
+                f"parallel.context={cp} with full recomputation fits (context parallelism needs Transformer Engine)"
+                if cp else "no context parallelism fits this layout either; more tensor or pipeline parallelism, "
+                "or more GPUs, would (glm-plan --search)"))
         elif ph.recompute and memory.RECOMPUTE.index(fit) > memory.RECOMPUTE.index(ph.recompute):
             lines.append(f"  recompute {ph.recompute} does not fit; {fit} does (stages.<name>.recompute={fit})")
         flops = train_flops_per_token(m, ph.seq_len)
         est = planner.step_estimate(p, world, ph.seq_len, rc, hw, states)
         ideal = 1e12 * flops / (world * hw.peak * hw.mfu)
         lines.append(f"  {flops / 1e9:.1f} GFLOP per token; 1T tokens in {_duration(ideal)} at {hw.mfu:.0%} MFU"
-                     f" on {world} GPUs")
-        lines.append("  step estimate: " + ", ".join(f"{k} {v:.2f} s" for k, v in est.items()
+                     f" on {world} GPU{'s' if world > 1 else ''}")
+        per_token = est["total"] / planner.global_batch_tokens
+        lines.append("  step estimate: " + ", ".join(f"{k} {v:.3g} s" for k, v in est.items()
                                                    if k not in ("total", "mfu"))
-                     + f" = {est['total']:.2f} s ({est['mfu']:.0%} MFU): 1T tokens in "
-                     f"{_duration(est['total'] * 1e12 / planner.global_batch_tokens)}"
-                     + (f", this phase ({ph.tokens / 1e9:g}B tokens) {_duration(est['total'] * ph.tokens / planner.global_batch_tokens)}"
+                     + f" = {est['total']:.4g} s ({est['mfu']:.0%} MFU): 1T tokens in {_duration(per_token * 1e12)}"
+                     + (f", this phase ({_count(ph.tokens)} tokens) {_duration(per_token * ph.tokens)}"
                         if ph.tokens else ""))
     return "\n".join(lines)
 
@@ -414,7 +419,8 @@ def search(planner: Planner, hw: Hardware, phases: list[Phase], top: int) -> str
         fit = planner.least_fitting(p, world, states, main.seq_len, hw)
         if fit is None:
             continue
-        rc = main.recompute if main.recompute and memory.RECOMPUTE.index(main.recompute) >= memory.RECOMPUTE.index(fit) else fit
+        configured = main.recompute and memory.RECOMPUTE.index(main.recompute) >= memory.RECOMPUTE.index(fit)
+        rc = main.recompute if configured else fit
         est = planner.step_estimate(p, world, main.seq_len, rc, hw, states)
         peak = max(s.static + planner.activations(p, world, s, main.seq_len).peak(rc) for s in states)
         others = []
@@ -458,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--search", action="store_true", help="rank every layout that fits instead")
     parser.add_argument("--top", type=int, default=15, help="layouts listed by --search (default 15)")
     parser.add_argument("--config-dir", default=None, help="config tree to use instead of the bundled configs/")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides before or after the options
     quiet_megatron_warnings()
 
     from pretrain.config import compose

@@ -78,7 +78,8 @@ def _planned(model_cfg, parallel, world, dtype, seq, micro) -> tuple:
 
 
 def _close(got: float, want: float, margin: float, what: str) -> None:
-    assert abs(want - got) <= margin * got, f"{what}: planned {want:,.0f} bytes, measured {got:,.0f} ({want / got - 1:+.2%})"
+    assert abs(want - got) <= margin * got, \
+        f"{what}: planned {want:,.0f} bytes, measured {got:,.0f} ({want / got - 1:+.2%})"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
