@@ -141,19 +141,37 @@ def recompute_working_set(m: ModelConfig, p: ParallelConfig, shape: Shape, layer
     return max(candidates, default=0.0)
 
 
-def in_flight(p: ParallelConfig, pp_rank: int, microbatches: int) -> float:
-    """Micro-batches whose activations a pipeline stage holds at its peak, in whole-stage units.
+def held(p: ParallelConfig, pp_rank: int, microbatches: int, chunk_bytes: list[float]) -> float:
+    """Peak bytes of activations a pipeline rank holds during a step of Megatron-Core's schedule,
+    given what each of its model chunks keeps per micro-batch.
 
-    Megatron-Core's schedules: without pipelining one at a time; 1F1B runs p - rank forward
-    passes before the first backward; the interleaved schedule 2 (p - rank - 1) + (chunks - 1) p
-    chunk forwards plus one, each a 1/chunks share of the stage."""
+    Without pipelining one micro-batch at a time. 1F1B runs p - rank - 1 warm-up forward passes,
+    then one forward and one backward at a time. The interleaved schedule runs
+    2 (p - rank - 1) + (chunks - 1) p warm-up forwards, visiting the chunks in groups of p
+    micro-batches (chunk (k mod p chunks) // p for the k-th forward, in reverse order for the
+    backward passes), so a rank whose last chunk holds the output heads holds fewer of those."""
     stages, chunks = p.pipeline, p.virtual_stages
     if stages == 1:
-        return 1.0
+        return chunk_bytes[0]
+    total = microbatches * chunks
     if chunks == 1:
-        return float(min(stages - pp_rank, microbatches))
-    warmup = min(2 * (stages - pp_rank - 1) + (chunks - 1) * stages, microbatches * chunks)
-    return min(warmup + 1, microbatches * chunks) / chunks
+        warmup = min(stages - pp_rank - 1, total)
+    else:
+        warmup = min(2 * (stages - pp_rank - 1) + (chunks - 1) * stages, total)
+    forward = [(k % (stages * chunks)) // stages for k in range(total)]
+    live = peak = 0.0
+    done = 0  # forward passes run
+    for _ in range(warmup):
+        live += chunk_bytes[forward[done]]
+        done += 1
+        peak = max(peak, live)
+    for k in range(total):  # steady state, then cool-down: backward k after forward warmup + k
+        if done < total:
+            live += chunk_bytes[forward[done]]
+            done += 1
+            peak = max(peak, live)
+        live -= chunk_bytes[chunks - 1 - forward[k]]
+    return peak
 
 
 def bubble(p: ParallelConfig, microbatches: int) -> float:

@@ -109,12 +109,18 @@ class StageState:
 
 @dataclass
 class Activations:
-    per_micro_batch: dict  # recompute -> bytes of one micro-batch on this stage
-    in_flight: float
-    transient: dict  # recompute -> bytes rebuilt or created during the backward pass
+    """Per recomputation setting: bytes of one micro-batch on this stage, the most the schedule
+    holds at once, and what is rebuilt or created during the backward pass."""
+    per_micro_batch: dict
+    held: dict
+    transient: dict
 
     def peak(self, recompute: str) -> float:
-        return self.in_flight * self.per_micro_batch[recompute] + self.transient[recompute]
+        return self.held[recompute] + self.transient[recompute]
+
+    def in_flight(self, recompute: str) -> float:
+        """Micro-batches held at the peak, in whole-stage units."""
+        return self.held[recompute] / self.per_micro_batch[recompute]
 
 
 class Planner:
@@ -193,14 +199,16 @@ class Planner:
     def activations(self, p: ParallelConfig, world: int, stage: StageState, seq_len: int) -> Activations:
         shape = memory.Shape(seq_len, self.micro_batch, self.act_bytes)
         output = stage.rank == p.pipeline - 1
-        per_mb = {rc: sum(sum(memory.stage_bytes(self.m, p, shape, rc, c["layers"], c["embedding"],
-                                                 c["output"]).values()) for c in stage.chunks)
+        chunks = {rc: [sum(memory.stage_bytes(self.m, p, shape, rc, c["layers"], c["embedding"],
+                                              c["output"]).values()) for c in stage.chunks]
                   for rc in memory.RECOMPUTE}
+        microbatches = self.microbatches(p, world, seq_len)
         logits_grad = (shape.tokens(p) * self.m.vocab_size / p.tensor * self.act_bytes) if output else 0.0
         rebuild = memory.recompute_working_set(self.m, p, shape, stage.layers, output)
         transient = {rc: logits_grad + (rebuild if rc == "full" else 0.0) for rc in memory.RECOMPUTE}
-        inflight = memory.in_flight(p, stage.rank, self.microbatches(p, world, seq_len))
-        return Activations(per_mb, inflight, transient)
+        return Activations({rc: sum(c) for rc, c in chunks.items()},
+                           {rc: memory.held(p, stage.rank, microbatches, c) for rc, c in chunks.items()},
+                           transient)
 
     def least_fitting(self, p, world, states, seq_len, hw: Hardware) -> str | None:
         """The least recomputation with which every stage fits, or None."""
@@ -383,7 +391,7 @@ def report(planner: Planner, p: ParallelConfig, hw: Hardware, phases: list[Phase
             total = s.static + act.peak(rc)
             pm = act.per_micro_batch
             lines.append(f"  stage {s.rank:<3d} {_g(pm['none']):>26s} / {_g(pm['selective']):>6s} / "
-                         f"{_g(pm['full']):>6s} {act.in_flight:>9.1f} {_g(act.in_flight * pm[rc]):>11s} + "
+                         f"{_g(pm['full']):>6s} {act.in_flight(rc):>9.1f} {_g(act.held[rc]):>11s} + "
                          f"{_g(act.transient[rc]):<6s}{_g(total):>8s}   {total / hw.usable:5.0%}"
                          + ("" if total <= hw.usable else "  DOES NOT FIT"))
         if fit is None:
