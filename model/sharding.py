@@ -57,6 +57,12 @@ def whole_name(local: str, model) -> str:
     return local
 
 
+def expert_id(name: str) -> int | None:
+    """The routed expert a parameter belongs to (its id as the name gives it), or None."""
+    m = _LOCAL_EXPERT.search(name)
+    return int(m.group(1)) if m else None
+
+
 def is_gated(whole_name: str) -> bool:
     # SwiGLU fc1 holds [gate; up]; each tensor-parallel rank holds [gate shard; up shard].
     return whole_name.endswith("linear_fc1.weight")

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import sys
 from dataclasses import dataclass, field
 
@@ -39,7 +38,6 @@ from model import memory, quiet_megatron_warnings
 from model.config import ConfigError, ModelConfig, ParallelConfig
 
 GiB = 2**30
-_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
 
 HELP_EPILOG = """\
 examples:
@@ -142,6 +140,7 @@ class Planner:
     # ---- state that does not depend on the batch -----------------------------------------
 
     def stages(self, p: ParallelConfig, world: int) -> list[StageState]:
+        from model import sharding
         from model.accounting import numel_per_gpu, stages_holding
         from model.build import stage_plan
         from optim import owners
@@ -160,7 +159,7 @@ class Planner:
         for role in self.roles:
             n = numel_per_gpu(role.name, role.param, p)
             if role.expert:  # this GPU's experts: the first expert-parallel rank's, all alike
-                if int(_EXPERT.search(role.name).group(1)) >= local_experts:
+                if sharding.expert_id(role.name) >= local_experts:
                     continue
                 n *= p.expert
             for r in stages_holding(role.name, self.m, p, stage_of.__getitem__):
@@ -210,10 +209,14 @@ class Planner:
                            {rc: memory.held(p, stage.rank, microbatches, c) for rc, c in chunks.items()},
                            transient)
 
-    def least_fitting(self, p, world, states, seq_len, hw: Hardware) -> str | None:
+    def phase(self, p: ParallelConfig, world: int, states: list[StageState], seq_len: int) -> list[Activations]:
+        return [self.activations(p, world, s, seq_len) for s in states]
+
+    @staticmethod
+    def least_fitting(states: list[StageState], acts: list[Activations], hw: Hardware) -> str | None:
         """The least recomputation with which every stage fits, or None."""
         for rc in memory.RECOMPUTE:
-            if all(s.static + self.activations(p, world, s, seq_len).peak(rc) <= hw.usable for s in states):
+            if all(s.static + a.peak(rc) <= hw.usable for s, a in zip(states, acts)):
                 return rc
         return None
 
@@ -224,7 +227,7 @@ class Planner:
             if world % (q.tensor * q.pipeline * cp) or q.data(world) < 1:
                 return None
             states = self.stages(q, world)
-            if all(s.static + self.activations(q, world, s, seq_len).peak("full") <= hw.usable for s in states):
+            if self.least_fitting(states, self.phase(q, world, states, seq_len), hw):
                 return cp
         return None
 
@@ -379,8 +382,8 @@ def report(planner: Planner, p: ParallelConfig, hw: Hardware, phases: list[Phase
                      f"{_g(s.static):>12s}")
     for ph in phases:
         mb = planner.microbatches(p, world, ph.seq_len)
-        acts = [planner.activations(p, world, s, ph.seq_len) for s in states]
-        fit = planner.least_fitting(p, world, states, ph.seq_len, hw)
+        acts = planner.phase(p, world, states, ph.seq_len)
+        fit = planner.least_fitting(states, acts, hw)
         rc = ph.recompute or fit or "full"
         lines += ["", f"phase {', '.join(ph.names)}: seq {ph.seq_len}, micro-batch {planner.micro_batch}, "
                       f"{mb} micro-batches per step, bubble {memory.bubble(p, mb):.1%}, recompute {rc}"
@@ -424,18 +427,19 @@ def search(planner: Planner, hw: Hardware, phases: list[Phase], top: int) -> str
         states = planner.stages(p, world)
         if any(s.static > hw.usable for s in states):
             continue
-        fit = planner.least_fitting(p, world, states, main.seq_len, hw)
+        acts = planner.phase(p, world, states, main.seq_len)
+        fit = planner.least_fitting(states, acts, hw)
         if fit is None:
             continue
         configured = main.recompute and memory.RECOMPUTE.index(main.recompute) >= memory.RECOMPUTE.index(fit)
         rc = main.recompute if configured else fit
         est = planner.step_estimate(p, world, main.seq_len, rc, hw, states)
-        peak = max(s.static + planner.activations(p, world, s, main.seq_len).peak(rc) for s in states)
+        peak = max(s.static + a.peak(rc) for s, a in zip(states, acts))
         others = []
         for ph in phases:
             if ph is main:
                 continue
-            f = planner.least_fitting(p, world, states, ph.seq_len, hw)
+            f = planner.least_fitting(states, planner.phase(p, world, states, ph.seq_len), hw)
             cp = None if f else planner.context_needed(p, world, ph.seq_len, hw)
             others.append(f"{ph.seq_len // 1024}K: " + (f or (f"CP{cp}" if cp else "no CP fits")))
         rows.append((est["total"], p, rc, peak, est, others))
