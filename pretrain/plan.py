@@ -431,8 +431,9 @@ def search(planner: Planner, hw: Hardware, phases: list[Phase], top: int) -> str
         fit = planner.least_fitting(states, acts, hw)
         if fit is None:
             continue
-        configured = main.recompute and memory.RECOMPUTE.index(main.recompute) >= memory.RECOMPUTE.index(fit)
-        rc = main.recompute if configured else fit
+        # each layout with the least recomputation it needs: the experiment's setting was chosen
+        # for its own layout
+        rc = fit
         est = planner.step_estimate(p, world, main.seq_len, rc, hw, states)
         peak = max(s.static + a.peak(rc) for s, a in zip(states, acts))
         others = []
@@ -447,7 +448,8 @@ def search(planner: Planner, hw: Hardware, phases: list[Phase], top: int) -> str
     if not rows:
         return f"no layout of {m.name} fits {world} x {hw.memory_gib:g} GiB at seq {main.seq_len}"
     lines = [f"{len(rows)} layouts of {m.name} fit {world} x {hw.name} {hw.memory_gib:g} GiB at seq {main.seq_len} "
-             f"({', '.join(main.names)}); fastest first (estimate at {hw.mfu:.0%} compute MFU):",
+             f"({', '.join(main.names)}), each with the least recomputation that fits; fastest first (estimate at "
+             f"{hw.mfu:.0%} compute MFU):",
              f"  {'layout':24s} {'recompute':9s} {'peak GiB':>8s} {'step s':>7s} {'bubble':>6s} {'TP':>5s} {'EP':>5s} "
              f"{'DP':>5s} {'MFU':>4s}  other phases (least recompute, or CP needed)"]
     for total, p, rc, peak, est, others in rows[:top]:
