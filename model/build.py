@@ -130,6 +130,12 @@ def stage_plan(m: ModelConfig, p: ParallelConfig, pp_rank: int, vp_stage: int | 
                 embedding=pp_rank == 0 and first_chunk, output=last, mtp=bool(m.mtp_num_layers) and last)
 
 
+def stage_plans(m: ModelConfig, p: ParallelConfig) -> list[list[dict]]:
+    """`stage_plan` of every pipeline stage: per stage, one plan per model chunk."""
+    chunks = p.virtual_stages
+    return [[stage_plan(m, p, r, v if chunks > 1 else None) for v in range(chunks)] for r in range(p.pipeline)]
+
+
 def build_model(m: ModelConfig, p: ParallelConfig | None = None, *, dtype: torch.dtype = torch.float32,
                 impl: str = "auto", meta: bool = False, pp_rank: int | None = None,
                 vp_stage: int | None = None) -> GPTModel:

@@ -136,6 +136,10 @@ class ParallelConfig:
     def data(self, world_size: int) -> int:
         return world_size // (self.tensor * self.pipeline * self.context)
 
+    def expert_data(self, world_size: int) -> int:
+        """Replicas of each routed expert (Megatron's expert-data-parallel size)."""
+        return world_size // (self.expert * self.expert_tensor * self.pipeline)
+
     def validate(self, model: ModelConfig, world_size: int | None = None,
                  source: str = "parallel") -> "ParallelConfig":
         def fail(field: str, why: str):

@@ -46,6 +46,15 @@ def stage_costs(m: ModelConfig, stages: int, first: int, last: int, seq_len: int
     return costs
 
 
+def layout_costs(m: ModelConfig, p: ParallelConfig, seq_len: int = SEQ_LEN) -> list[float]:
+    """Training FLOPs per token of each pipeline stage under the layout's split."""
+    if p.pipeline == 1:
+        return [1.0]
+    first, last = split(m, p)
+    even = m.num_layers // p.pipeline
+    return stage_costs(m, p.pipeline, first or even, last or even, seq_len)
+
+
 def split(m: ModelConfig, p: ParallelConfig, source: str = "parallel") -> tuple[int | None, int | None]:
     """(first, last) decoder layers for Megatron-Core, or (None, None) for its even split."""
     stages, chunks, layers = p.pipeline, p.virtual_stages, m.num_layers

@@ -36,7 +36,7 @@ PART_LABELS = {
 }
 
 
-def _human(n: float) -> str:
+def human(n: float) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
@@ -56,10 +56,10 @@ def placement(m, p, model) -> list[str]:
     virtual stages), what else it holds, its share of the compute and its weights per GPU."""
     from model import pipeline
     from model.accounting import stage_parameters_per_gpu
-    from model.build import stage_plan
+    from model.build import stage_plans
 
     chunks = p.virtual_stages
-    plans = [[stage_plan(m, p, r, v if chunks > 1 else None) for v in range(chunks)] for r in range(p.pipeline)]
+    plans = stage_plans(m, p)
     stage = {i: r for r, plan in enumerate(plans) for c in plan for i in c["layers"]}
     per_gpu = stage_parameters_per_gpu(model, m, p, stage.__getitem__)
     first, last = pipeline.split(m, p)
@@ -67,8 +67,7 @@ def placement(m, p, model) -> list[str]:
         (" (given)" if p.first_stage_layers is not None or p.last_stage_layers is not None else " (chosen)")
     lines = [f"layout tensor={p.tensor} expert={p.expert} expert_tensor={p.expert_tensor} pipeline={p.pipeline}"
              + (f" x {chunks} virtual stages" if chunks > 1 else "") + f": {how}"]
-    costs = pipeline.stage_costs(m, p.pipeline, first or m.num_layers // p.pipeline,
-                                 last or m.num_layers // p.pipeline) if p.pipeline > 1 else [1.0]
+    costs = pipeline.layout_costs(m, p)
     for r, plan in enumerate(plans):
         layers = [i for c in plan for i in c["layers"]]
         dense = sum(i < m.first_k_dense for i in layers)
@@ -79,7 +78,7 @@ def placement(m, p, model) -> list[str]:
         share = f", compute {costs[r] / max(costs):.2f} of the slowest" if chunks == 1 and p.pipeline > 1 else ""
         lines.append(f"  stage {r}: layers {where} ({len(layers)}, {dense} dense)"
                      f"{' + ' + ', '.join(extra) if extra else ''}{share}: "
-                     f"{_human(per_gpu[r])} = {2 * per_gpu[r] / 2**30:.1f} GiB bf16 weights per GPU")
+                     f"{human(per_gpu[r])} = {2 * per_gpu[r] / 2**30:.1f} GiB bf16 weights per GPU")
     return lines
 
 
@@ -115,8 +114,8 @@ def report(cfg, seq_len: int, optimizer: bool = False) -> str:
     lines += ["", f"{'convention':62s} {'total':>11s} {'active':>11s}"]
     for label, total, active in counts.conventions():
         lines.append(f"{label:62s} {_b(total)} {_b(active)}")
-    lines += ["", f"total parameters:  {_human(counts.default_total)}",
-              f"active per token:  {_human(counts.default_active)}",
+    lines += ["", f"total parameters:  {human(counts.default_total)}",
+              f"active per token:  {human(counts.default_active)}",
               f"training FLOPs per token at seq {seq_len}: {train_flops_per_token(m, seq_len) / 1e9:.1f} GFLOP"]
     if p.pipeline > 1 or p.tensor > 1 or p.expert > 1:
         lines += ["", *placement(m, p, model)]

@@ -142,16 +142,13 @@ class Planner:
     def stages(self, p: ParallelConfig, world: int) -> list[StageState]:
         from model import sharding
         from model.accounting import numel_per_gpu, stages_holding
-        from model.build import stage_plan
+        from model.build import stage_plans
         from optim import owners
         from optim.optimizer import state_bytes
         from pretrain.train import DDP_SETTINGS
 
-        chunks = p.virtual_stages
-        out = []
-        for r in range(p.pipeline):
-            plans = [stage_plan(self.m, p, r, v if chunks > 1 else None) for v in range(chunks)]
-            out.append(StageState(r, [i for c in plans for i in c["layers"]], plans))
+        out = [StageState(r, [i for c in plans for i in c["layers"]], plans)
+               for r, plans in enumerate(stage_plans(self.m, p))]
         stage_of = {i: s.rank for s in out for i in s.layers}
         grad_bytes = 4 if DDP_SETTINGS["grad_reduce_in_fp32"] else self.act_bytes
         local_experts = self.m.num_experts // p.expert
@@ -169,9 +166,7 @@ class Planner:
                 s.weights += n * self.act_bytes
                 s.grads += n * grad_bytes
                 groups[r, role.expert].append((role, n))
-        # the optimizer's groups: data x context parallel ranks, and expert data parallel ranks
-        dp = p.data(world) * p.context
-        edp = world // (p.expert * p.expert_tensor * p.pipeline)
+        dp, edp = _zero_groups(p, world)
         for (r, expert), items in groups.items():
             if not items:
                 continue
@@ -242,12 +237,8 @@ class Planner:
 
         m, a = self.m, self.act_bytes
         flops = train_flops_per_token(m, seq_len) * self.global_batch_tokens / world
-        if p.pipeline > 1:
-            first, last = pipeline.split(m, p)
-            costs = pipeline.stage_costs(m, p.pipeline, first or m.num_layers // p.pipeline,
-                                         last or m.num_layers // p.pipeline, seq_len)
-            flops *= max(costs) / (sum(costs) / len(costs))
-        compute = flops / (hw.peak * hw.mfu)
+        costs = pipeline.layout_costs(m, p, seq_len)
+        compute = flops * max(costs) / (sum(costs) / len(costs)) / (hw.peak * hw.mfu)  # the slowest stage
         if recompute == "full":
             compute *= 4 / 3  # one more forward pass
         mb = self.microbatches(p, world, seq_len)
@@ -271,7 +262,7 @@ class Planner:
             out["EP"] = ep_bytes * inside / (hw.nvlink_gbs * 1e9) + ep_bytes * (1 - inside) / (hw.ib_gbs * 1e9)
         else:
             out["EP"] = 0.0
-        dp, edp = p.data(world) * p.context, world // (ep_group * p.pipeline)
+        dp, edp = _zero_groups(p, world)
         worst = max(states, key=lambda s: s.grads)
         share = worst.expert_params / max(worst.params, 1.0)
 
@@ -286,8 +277,14 @@ class Planner:
         out["PP"] = (2 * tokens / t * m.hidden_size * a * mb * p.virtual_stages
                      / bw(2, stage_gpus)) if p.pipeline > 1 else 0.0
         out["total"] = sum(out.values())
-        out["mfu"] = train_flops_per_token(m, seq_len) * self.global_batch_tokens / world / (hw.peak * out["total"])
+        out["mfu"] = flops / (hw.peak * out["total"])
         return out
+
+
+def _zero_groups(p: ParallelConfig, world: int) -> tuple[int, int]:
+    """The optimizer's data-parallel groups (optim/optimizer.py): data x context parallel ranks for
+    dense parameters, expert data parallel ranks for routed experts."""
+    return p.data(world) * p.context, p.expert_data(world)
 
 
 # ---- phases and layouts ----------------------------------------------------------------------
@@ -339,10 +336,6 @@ def _g(x: float) -> str:
     return f"{x / GiB:.1f}"
 
 
-def _human(n: float) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
-
-
 def _count(n: float) -> str:
     for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= scale:
@@ -362,14 +355,14 @@ def layout_name(p: ParallelConfig, world: int) -> str:
 
 def report(planner: Planner, p: ParallelConfig, hw: Hardware, phases: list[Phase]) -> str:
     from model.accounting import count_parameters, train_flops_per_token
-    from pretrain.info import placement
+    from pretrain.info import human, placement
 
     m, world = planner.m, hw.gpus
     states = planner.stages(p, world)
     counts = count_parameters(planner.model, m)
-    edp = world // (p.expert * p.expert_tensor * p.pipeline)
+    edp = p.expert_data(world)
     dtype = str(planner.dtype).replace("torch.", "")
-    lines = [f"model {m.name}: {_human(counts.default_total)} total, {_human(counts.default_active)} active; "
+    lines = [f"model {m.name}: {human(counts.default_total)} total, {human(counts.default_active)} active; "
              f"{world} x {hw.name} {hw.memory_gib:g} GiB ({hw.per_node} per node), {_g(hw.usable)} GiB usable "
              f"({hw.reserve_gib:g} GiB reserved)",
              f"layout {layout_name(p, world)} (expert data {edp}); {dtype} weights, fp32 gradients, "
@@ -377,7 +370,7 @@ def report(planner: Planner, p: ParallelConfig, hw: Hardware, phases: list[Phase
     lines += [*placement(m, p, planner.model), ""] if p.pipeline > 1 else []
     lines += ["per GPU (GiB)    params   weights  grads  optimizer (muon + adam)  static"]
     for s in states:
-        lines.append(f"  stage {s.rank:<3d} {_human(s.params):>10s} {_g(s.weights):>8s} {_g(s.grads):>6s} "
+        lines.append(f"  stage {s.rank:<3d} {human(s.params):>10s} {_g(s.weights):>8s} {_g(s.grads):>6s} "
                      f"{_g(sum(s.optimizer.values())):>9s} ({_g(s.optimizer['muon'])} + {_g(s.optimizer['adam'])})"
                      f"{_g(s.static):>12s}")
     for ph in phases:
