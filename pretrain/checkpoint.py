@@ -17,6 +17,13 @@ A save writes into `.tmp-step-XXXXXXXX` and is renamed once every rank has finis
 `latest` (a one-line file) is replaced atomically. So `latest` only ever names a complete
 checkpoint, and a crash in the middle of a save leaves the previous one intact. Only the newest
 `keep_last` are kept. Loading reads plain data only (torch.load with weights_only).
+
+Asynchronous saves (`train.async_save`, on by default on GPUs): the step's tensors are copied to
+host memory (on a CPU, a forked writer's copy-on-write snapshot is that copy) and a writer process
+puts them on disk while training goes on; Megatron's `AsyncCallsQueue` runs it. Every rank asks
+after each step whether all writers are done (`poll`, one small all-reduce while a save is in
+flight, nothing otherwise); once they are, the rename and `latest` happen as for a synchronous
+save. One save is in flight at most: the next one, the end of the run and a signal stop wait for it.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -145,9 +154,12 @@ def _model_state(chunks: list) -> dict:
 
 
 class CheckpointManager:
-    def __init__(self, run_dir: str | Path, keep_last: int = 3):
+    def __init__(self, run_dir: str | Path, keep_last: int = 3, asynchronous: bool = False):
         self.dir = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
+        self.asynchronous = asynchronous
+        self._calls = None  # Megatron's AsyncCallsQueue, made at the first asynchronous save
+        self.pending: Path | None = None  # the checkpoint being written in the background
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint, or None."""
@@ -160,14 +172,18 @@ class CheckpointManager:
         return path
 
     def save(self, step: int, chunks: list, optimizer, common: dict, per_rank: dict, meta: dict,
-             hf_files: tuple[Path, ...] = ()) -> Path:
+             hf_files: tuple[Path, ...] = ()) -> tuple[Path, float]:
         """Save on every rank (collective). `common`: plain data, the same on every rank;
         `per_rank`: this rank's plain data (loader state, RNG), gathered to rank 0; `hf_files`:
-        files to hand on with the weights (the tokenizer), copied into `hf/` by rank 0."""
+        files to hand on with the weights (the tokenizer), copied into `hf/` by rank 0.
+        Returns the checkpoint's path (complete, or `pending` when asynchronous) and the seconds
+        the caller was held, the wait for an earlier save in flight included."""
         from megatron.core import dist_checkpointing
 
         from optim import checkpoint as optim_checkpoint
 
+        started = time.perf_counter()
+        self.wait()
         name = step_name(step)
         tmp, final = self.dir / f"{_TMP}{name}", self.dir / name
         ranks = _gather(per_rank)
@@ -178,7 +194,44 @@ class CheckpointManager:
         _barrier()
         state = {**_model_state(chunks), **optim_checkpoint.sharded_state_dict(optimizer),
                  "trainer": common, "ranks": ranks}
-        dist_checkpointing.save(state, str(tmp))
+        commit = partial(self._commit, tmp, final, meta, tuple(hf_files))
+        if not self.asynchronous:
+            dist_checkpointing.save(state, str(tmp))
+            commit()
+            return final, time.perf_counter() - started
+        # the tensors are staged (copied off the GPU) before this returns; the files come later
+        request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
+        request.add_finalize_fn(commit)
+        self._queue().schedule_async_request(request)
+        self.pending = final
+        return final, time.perf_counter() - started
+
+    def _queue(self):
+        if self._calls is None:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self._calls = AsyncCallsQueue()
+        return self._calls
+
+    def poll(self, wait: bool = False) -> Path | None:
+        """Complete the save in flight if every rank's writer has finished (or, with `wait`, once
+        they have); returns the checkpoint completed by this call, if any. Collective while a save
+        is in flight; does nothing otherwise."""
+        if self.pending is None:
+            return None
+        done = self._queue().maybe_finalize_async_calls(blocking=wait)
+        if not done:
+            return None
+        path, self.pending = self.pending, None
+        return path
+
+    def wait(self) -> Path | None:
+        """Block until the save in flight (if any) is complete; returns it."""
+        return self.poll(wait=True)
+
+    def _commit(self, tmp: Path, final: Path, meta: dict, hf_files: tuple[Path, ...]) -> None:
+        """Every rank's files are written: meta.json, the files to hand on, the rename and `latest`
+        (collective)."""
         _barrier()
         if _rank() == 0:
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
@@ -189,11 +242,10 @@ class CheckpointManager:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             pointer = self.dir / f"{LATEST}.tmp"
-            pointer.write_text(name + "\n")
+            pointer.write_text(final.name + "\n")
             os.replace(pointer, self.dir / LATEST)
-            self._prune(keep=name)
+            self._prune(keep=final.name)
         _barrier()
-        return final
 
     def _prune(self, keep: str) -> None:
         for stale in self.dir.glob(f"{_TMP}*"):  # left by a save that died

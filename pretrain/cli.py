@@ -31,6 +31,7 @@ main fields (any field of any group can be overridden with Hydra syntax):
   train.micro_batch_size  train.global_batch_tokens  train.batch_start_tokens  train.batch_ramp_tokens
   train.lr_warmup_tokens  train.lr_min  train.dtype=auto|bf16|fp32  train.impl=auto|torch|te|local  train.max_steps
   train.log_every  train.save_every  train.keep_last  train.eval_every  train.eval_batches
+  train.async_save=auto|true|false (write checkpoints while training goes on; auto = on GPUs)
   stages.<name>.tokens / .data / .seq_length / .packing / .rope_theta / .expert_bias_update_rate
                 / .mtp_loss_weight / .recompute
   data.num_workers  data.on_error=fail|skip  data.max_skip_fraction  data.holdout_shards

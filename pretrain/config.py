@@ -62,6 +62,8 @@ class TrainConfig:
     eval_batches: int = 2  # micro-batches per validation, per data-parallel rank
     save_every: int = 1000  # steps between checkpoints (0: only at the end and on signals)
     keep_last: int = 3  # checkpoints kept (the newest); 0 keeps all
+    # Write checkpoints in the background while training goes on: auto (on GPUs), true or false.
+    async_save: str = "auto"
     max_steps: int = 0  # stop after this many steps (0: at the end of the last stage)
 
 
@@ -106,6 +108,9 @@ class Config:
                               f"train.global_batch_tokens={t.global_batch_tokens}")
         if t.lr_min > self.optim.lr:
             raise ConfigError(f"{where}: train.lr_min={t.lr_min} exceeds optim.lr={self.optim.lr}")
+        t.async_save = str(t.async_save).lower()  # a YAML or command-line boolean arrives as True/False
+        if t.async_save not in ("auto", "true", "false"):
+            raise ConfigError(f"{where}: train.async_save={t.async_save!r} must be auto, true or false")
         if t.dtype not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"{where}: train.dtype={t.dtype!r} must be auto, bf16 or fp32")
         if t.impl not in ("auto", *IMPLS):

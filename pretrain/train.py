@@ -33,6 +33,11 @@ def model_dtype(name: str) -> torch.dtype:
     return torch.float32
 
 
+def async_save(setting: str) -> bool:
+    """train.async_save: auto (on a GPU), true or false."""
+    return torch.cuda.is_available() if setting == "auto" else setting == "true"
+
+
 class ExpertLoad:
     """Tokens per expert of each MoE layer in the last step, read before `finalize_model_grads`
     (which consumes and zeroes Megatron's counters for the expert-bias update)."""
@@ -142,7 +147,8 @@ class Trainer:
 
         MoEAuxLossAutoScaler.main_loss_backward_scale = None
         self.stages = stages_mod.Stages(cfg)
-        self.checkpoints = CheckpointManager(run_dir, cfg.train.keep_last)
+        self.checkpoints = CheckpointManager(run_dir, cfg.train.keep_last,
+                                             asynchronous=async_save(cfg.train.async_save))
         self.metrics = Metrics(run_dir, enabled=self.rank == 0)
         self.device = next(self.chunks[0].parameters()).device
         self.peak, self.peak_source = peak_flops(self.device, self.dtype)
@@ -205,6 +211,7 @@ class Trainer:
                  f"at {self.tokens:,} tokens (stage {self.stages.at(self.tokens).name})")
 
     def save(self) -> Path:
+        self.finish_saving(wait=True)  # one save in flight at most
         stage = self.stages.at(self.tokens)
         common = {"step": self.step, "tokens": self.tokens, "samples": self.samples, "skipped": self.skipped,
                   "stage": self.stage_name}
@@ -212,11 +219,22 @@ class Trainer:
                     "dp_rank": self.dp_rank, "rng": rng_state()}
         meta = {**common, "next_stage": stage.name if stage else None, "world_size": dist.get_world_size(),
                 "parallel": vars(self.cfg.parallel), "experiment": self.cfg.experiment, "model": self.model_now()}
-        path = self.checkpoints.save(self.step, self.chunks, self.optimizer, common, per_rank, meta,
-                                     hf_files=self.tokenizer_files())
+        path, held = self.checkpoints.save(self.step, self.chunks, self.optimizer, common, per_rank, meta,
+                                           hf_files=self.tokenizer_files())
         self.saved_step = self.step
-        log.info(f"saved {path}")
+        if self.checkpoints.pending is None:
+            log.info(f"saved {path} in {held:.1f} s")
+        else:
+            log.info(f"saving {path.name} in the background (training held {held:.1f} s)")
         return path
+
+    def finish_saving(self, wait: bool = False) -> None:
+        """Complete a background save whose writers are done (collective while one is in flight);
+        with `wait`, block until they are."""
+        tick = time.perf_counter()
+        path = self.checkpoints.poll(wait)
+        if path is not None:
+            log.info(f"saved {path}" + (f" (waited {time.perf_counter() - tick:.1f} s)" if wait else ""))
 
     def tokenizer_files(self) -> tuple[Path, ...]:
         """The current stage's tokenizer.json (saved beside its first local source's shards)."""
@@ -341,6 +359,7 @@ class Trainer:
                 if stage is None or (t.max_steps and self.step >= t.max_steps):
                     if self.saved_step != self.step:
                         self.save()
+                    self.finish_saving(wait=True)
                     log.info(f"done: step {self.step}, {self.tokens:,} tokens")
                     return EXIT_DONE
                 if self.loader is None or stage.name != self.stage_name:
@@ -379,11 +398,14 @@ class Trainer:
                     self.metrics.write(v, self.step, self.tokens)
                     log.info(f"step {self.step:>6} [{stage.name}] validation: lm loss {v['lm loss validation']:.4f}, "
                              f"ppl {v['validation ppl']:.2f}")
+                self.finish_saving()
                 if t.save_every and self.step % t.save_every == 0:
                     self.save()
                 if stop.should_stop():
                     log.warning(f"stopping early ({stop.reason}): saving step {self.step}")
-                    self.save()
+                    if self.saved_step != self.step:
+                        self.save()
+                    self.finish_saving(wait=True)
                     return EXIT_RESUME
         finally:
             stop.restore()

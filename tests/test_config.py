@@ -56,6 +56,7 @@ def test_small_models_switch_every_feature_on(name):
     (["data.sources.1.weight=0"], r"data/smoke.yaml: data.sources\[1\] \('code'\).weight=0.0 must be positive"),
     (["data.seq_length=0"], r"data/smoke.yaml: data.seq_length=0 must be positive"),
     (["data.sources.1.name=general"], r"data/smoke.yaml: data.sources names repeat"),
+    (["train.async_save=sometimes"], r"train.async_save='sometimes' must be auto, true or false"),
 ])
 def test_bad_config_fails_naming_file_field_and_value(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -192,12 +192,16 @@ def test_sigterm_saves_and_exits_for_resume_then_the_run_continues_exactly(unint
         assert torch.equal(ref[k], resumed[k]), k
 
 
-def test_sigkill_loses_only_the_steps_since_the_last_checkpoint(uninterrupted, data_root, tmp_path):
+SAVES = pytest.mark.parametrize("saving", ["train.async_save=false", "train.async_save=true"], ids=["sync", "async"])
+
+
+@SAVES
+def test_sigkill_loses_only_the_steps_since_the_last_checkpoint(uninterrupted, data_root, tmp_path, saving):
     ref_dir, _ = uninterrupted
     run_dir = tmp_path / "run"
-    assert _interrupt(data_root, run_dir, 13, signal.SIGKILL, "train.save_every=5") == -signal.SIGKILL
+    assert _interrupt(data_root, run_dir, 13, signal.SIGKILL, "train.save_every=5", saving) == -signal.SIGKILL
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-00000010"
-    out = _run(data_root, run_dir, "train.save_every=5")
+    out = _run(data_root, run_dir, "train.save_every=5", saving)
     assert "resumed from" in out and "step-00000010" in out
     want, got = scalars(ref_dir), scalars(run_dir)
     assert got["lm loss"] == want["lm loss"] and got["params-norm"] == want["params-norm"]
@@ -206,15 +210,17 @@ def test_sigkill_loses_only_the_steps_since_the_last_checkpoint(uninterrupted, d
     assert names == ["latest", "step-00000025", f"step-{TINY_STEPS:08d}"]
 
 
-def test_sigkill_in_the_middle_of_a_save_keeps_latest_and_resumes_exactly(uninterrupted, data_root, tmp_path):
+@SAVES
+def test_sigkill_in_the_middle_of_a_save_keeps_latest_and_resumes_exactly(uninterrupted, data_root, tmp_path, saving):
     """A real SIGKILL to the whole run while it writes the step-10 checkpoint (tensor data in its
-    temporary directory, the checkpoint not complete): `latest` still names step 5, the resumed run
-    starts there and ends bit-identical to the uninterrupted one, and the torn save is cleared."""
+    temporary directory, the checkpoint not complete; in the background while training goes on, for
+    an asynchronous save): `latest` still names step 5, the resumed run starts there and ends
+    bit-identical to the uninterrupted one, and the torn save is cleared."""
     ref_dir, _ = uninterrupted
     run_dir = tmp_path / "run"
     ckpts = run_dir / "checkpoints"
     torn, done = ckpts / ".tmp-step-00000010", ckpts / "step-00000010"
-    p = subprocess.Popen(_command(run_dir, "train.save_every=5"), env=_env(data_root), cwd=ROOT,
+    p = subprocess.Popen(_command(run_dir, "train.save_every=5", saving), env=_env(data_root), cwd=ROOT,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 600
@@ -238,7 +244,7 @@ def test_sigkill_in_the_middle_of_a_save_keeps_latest_and_resumes_exactly(uninte
             pass
     assert torn.is_dir() and not done.exists(), "the kill did not land inside the save"
     assert (ckpts / "latest").read_text().strip() == "step-00000005"
-    out = _run(data_root, run_dir, "train.save_every=5")
+    out = _run(data_root, run_dir, "train.save_every=5", saving)
     assert f"resumed from {ckpts / 'step-00000005'}" in out
     assert not torn.exists()
     want, got = scalars(ref_dir), scalars(run_dir)
@@ -509,6 +515,53 @@ def test_a_save_that_dies_midway_leaves_latest_on_the_previous_checkpoint(world1
     assert again.resume() and again.step == 2
     assert again.run() == 0
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-00000002", "step-00000003"]
+
+
+def test_asynchronous_save_writes_its_steps_state_while_training_goes_on(world1, data_root, monkeypatch, tmp_path):
+    """A background save holds the state of the step it was asked at: the parameters are changed in
+    place while the writer (slowed down here) has not written yet, and the checkpoint, once
+    complete, holds the old values. `latest` moves only when every writer is done. Runs on CUDA in
+    the GPU tier (staging to host memory), on a CPU here (the forked writer's snapshot)."""
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    from model.sharding import gather_whole
+    from pretrain.config import compose
+    from pretrain.train import Trainer
+
+    monkeypatch.setenv("GLM_DATA_ROOT", str(data_root))
+    write = FileSystemWriterAsync.write_preloaded_data_multiproc
+
+    def slow_write(*args, **kwargs):  # runs in the writer process
+        time.sleep(1.0)
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(FileSystemWriterAsync, "write_preloaded_data_multiproc", staticmethod(slow_write))
+    cfg = compose(["experiment=tiny", "train.max_steps=2", "train.async_save=true"])
+    trainer = Trainer(cfg, tmp_path)
+    assert trainer.checkpoints.asynchronous
+    assert trainer.run() == 0  # the end of a run waits for its save
+    ckpts = tmp_path / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step-00000002" and trainer.checkpoints.pending is None
+
+    want = {k: v.detach().cpu().clone() for k, v in gather_whole(trainer.chunks).items()}
+    trainer.step = 3
+    trainer.save()
+    assert trainer.checkpoints.pending == ckpts / "step-00000003"
+    with torch.no_grad():
+        for chunk in trainer.chunks:
+            for param in chunk.parameters():
+                param.add_(1.0)
+    assert trainer.checkpoints.poll() is None  # the writers are still asleep
+    assert (ckpts / "latest").read_text().strip() == "step-00000002"
+    trainer.finish_saving(wait=True)
+    assert (ckpts / "latest").read_text().strip() == "step-00000003" and not (ckpts / ".tmp-step-00000003").exists()
+
+    again = Trainer(compose(["experiment=tiny", "train.max_steps=3"]), tmp_path)
+    assert again.resume() and again.step == 3
+    got = {k: v.detach().cpu() for k, v in gather_whole(again.chunks).items()}
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
 
 
 @pytest.mark.distributed
