@@ -153,6 +153,21 @@ def main(argv=None) -> None:
             n = sum(r.param.numel() for r in rs)
             print(f"{label:<9} {len(rs):>5} {n:>13,} {fp32 * 1e3:>8.1f}ms {bf16 * 1e3:>8.1f}ms "
                   f"{theirs * 1e3:>9.1f}ms {adam_t * 1e3:>7.1f}ms  {theirs / bf16:>20.2f}x {theirs / fp32:>13.2f}x")
+        # memory: what one bf16 update of all matrices allocates beside parameters, gradients and
+        # state (it works in place: the gradients become the updates), against the stated bound
+        opt.ns_dtype = torch.bfloat16
+        stated = opt.workspace_bytes()
+        if CUDA:
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            opt.muon_update(1e-4, roles, grads)
+            torch.cuda.synchronize()
+            print(f"bf16 update of all matrices: allocated at most {(torch.cuda.max_memory_allocated() - before) / 2**30:.2f} "
+                  f"GiB beside parameters, gradients and state; Optimizer.workspace_bytes() {stated / 2**30:.2f} GiB")
+        else:
+            print(f"bf16 update of all matrices: Optimizer.workspace_bytes() {stated / 2**30:.3f} GiB "
+                  "(measured op by op in tests/test_optim.py)")
         e = next(r for r in roles if r.expert)
         rows, cols = e.block_shapes()[0]
         x = torch.randn(args.experts, rows, cols, device=device)

@@ -69,6 +69,20 @@ def orthogonalize(g: torch.Tensor, coefficients: Sequence[tuple[float, float, fl
     return x.float()
 
 
+def workspace_bytes(batch: int, rows: int, cols: int, dtype: torch.dtype) -> int:
+    """The most memory one `orthogonalize` call on a [batch, rows, cols] fp32 stack holds at once,
+    the stack and the fp32 result included: with bf16 iterations, the stack, the normalised fp32
+    copy and its bf16 cast at the start, and at the end the stack, the last iterate, its fp32 result
+    and the last Gram matrix and polynomial; in fp32 the normalised stack is the iterate, and the
+    peak is inside the loop (two iterates, Gram matrix and polynomial, beside the stack)."""
+    e = torch.finfo(dtype).bits // 8
+    n = batch * rows * cols
+    gram = batch * min(rows, cols) ** 2 * e
+    if e == 4:
+        return 4 * n + 2 * e * n + 2 * gram
+    return max(4 * n + 4 * n + e * n, 4 * n + e * n + 4 * n + 2 * gram)
+
+
 def update_scale(rows: int, cols: int, rms: float) -> float:
     """Factor giving an orthogonalised rows x cols update the RMS `rms` (Moonlight's matching)."""
     return rms * math.sqrt(max(rows, cols))

@@ -32,6 +32,24 @@ log = logging.getLogger(__name__)
 _BATCH_ELEMENTS = 1 << 28
 
 
+def _per_batch(rows: int, cols: int) -> int:
+    return max(1, _BATCH_ELEMENTS // (rows * cols))
+
+
+def muon_workspace_bytes(blocks: dict[tuple[int, int], int], ns_dtype: torch.dtype, tp_elements: float = 0.0,
+                         tp: int = 1) -> float:
+    """The most memory a Muon update allocates beyond parameters, gradients and state (everything
+    else is done in place): for owned blocks counted by shape, the largest Newton-Schulz batch;
+    with tensor parallelism, the whole matrices gathered from `tp_elements` local elements of
+    tensor-parallel pieces (held through the orthogonalisation), and while gathering, the send
+    buffer and the received pieces beside them."""
+    ns = max((newton_schulz.workspace_bytes(min(n, _per_batch(r, c)), r, c, ns_dtype)
+              for (r, c), n in blocks.items()), default=0)
+    if tp == 1:
+        return float(ns)
+    return max(4 * (1 + 2 * tp) * tp_elements, 4 * tp * tp_elements + ns)
+
+
 # The fp32 tensors kept for each parameter its rank owns, by side; plus an fp32 master copy of a
 # parameter that is not itself fp32.
 MOMENTS = {"muon": ("momentum",), "adam": ("exp_avg", "exp_avg_sq")}
@@ -119,9 +137,12 @@ class Optimizer:
         clip = self.cfg.clip_grad
         factor = min(1.0, clip / (norm + 1e-6)) if clip > 0 else 1.0
         self.steps += 1
+        # In place from here on: a gradient is DDP's fp32 `main_grad` (zeroed before the next
+        # step) or a fp32 copy of `.grad`. Each full-size temporary would cost the whole model's
+        # fp32 gradient again at the step's memory peak.
         grads = [g.float() for g in grads]
         if factor != 1.0:
-            grads = torch._foreach_mul(grads, factor)
+            torch._foreach_mul_(grads, factor)
         muon = [(r, g) for r, g in zip(self.mine, grads) if r.side == "muon"]
         adam = [(r, g) for r, g in zip(self.mine, grads) if r.side == "adam"]
         if muon:
@@ -178,14 +199,17 @@ class Optimizer:
     @torch.no_grad()
     def muon_update(self, lr, roles, g) -> None:
         """Momentum, whole-matrix Newton-Schulz and the update for owned Muon `roles`, from their
-        clipped fp32 gradients `g`."""
+        clipped fp32 gradients `g`, which become the updates (in place)."""
         m = self.cfg.muon
         bufs = [self.state[r.name]["momentum"] for r in roles]
         torch._foreach_lerp_(bufs, g, 1 - m.momentum)
-        inputs = [x.lerp(b, m.momentum) for x, b in zip(g, bufs)] if m.nesterov else [b.clone() for b in bufs]
-        wholes = self._gather_tp(roles, inputs)
-        updates = self._orthogonalize(roles, wholes)
-        pieces = [sharding.shard(u, r.name, r.param) if r.tp_dim is not None else u for r, u in zip(roles, updates)]
+        if m.nesterov:
+            torch._foreach_lerp_(g, bufs, m.momentum)
+        else:
+            torch._foreach_copy_(g, bufs)
+        wholes = self._gather_tp(roles, g)
+        self._orthogonalize(roles, wholes)
+        pieces = [sharding.shard(u, r.name, r.param) if r.tp_dim is not None else u for r, u in zip(roles, wholes)]
         self._apply(lr, roles, pieces)
 
     def _gather_tp(self, roles, pieces) -> list[torch.Tensor]:
@@ -209,24 +233,25 @@ class Optimizer:
                 offset += n
         return out
 
-    def _orthogonalize(self, roles, wholes) -> list[torch.Tensor]:
-        """Split each whole matrix into blocks, orthogonalise same-shaped blocks as one batch."""
-        blocks = [r.split.blocks(w) for r, w in zip(roles, wholes)]
+    def _orthogonalize(self, roles, wholes) -> None:
+        """Replace each whole matrix by its update, in place: its blocks orthogonalised, same-shaped
+        blocks as one batch of at most _BATCH_ELEMENTS, so the memory this needs beyond the
+        matrices themselves is one batch's (`workspace_bytes`), whatever the model's size."""
         buckets = defaultdict(list)
-        for i, bs in enumerate(blocks):
-            for j, b in enumerate(bs):
-                buckets[tuple(b.shape)].append((i, j))
-        result = [list(bs) for bs in blocks]
+        for i, r in enumerate(roles):
+            for j, shape in enumerate(r.block_shapes()):
+                buckets[shape].append((i, j))
         for (rows, cols), items in buckets.items():
-            per_batch = max(1, _BATCH_ELEMENTS // (rows * cols))
             scale = newton_schulz.update_scale(rows, cols, self.cfg.muon.rms_scale)
+            per_batch = _per_batch(rows, cols)
             for start in range(0, len(items), per_batch):
                 chunk = items[start:start + per_batch]
-                x = torch.stack([blocks[i][j] for i, j in chunk])
+                x = torch.stack([roles[i].split.block(wholes[i], j) for i, j in chunk])
                 o = newton_schulz.orthogonalize(x, self.coefficients, self.ns_dtype).mul_(scale)
+                del x
                 for (i, j), oi in zip(chunk, o):
-                    result[i][j] = oi
-        return [r.split.join(bs) for r, bs in zip(roles, result)]
+                    roles[i].split.put(wholes[i], j, oi)
+                del o, oi  # before the next batch is stacked
 
     def _adam(self, lr, roles, g) -> None:
         a = self.cfg.adam
@@ -237,14 +262,36 @@ class Optimizer:
         torch._foreach_addcmul_(v, g, g, 1 - a.beta2)
         c1 = 1 - a.beta1 ** self.steps
         c2 = 1 - a.beta2 ** self.steps
-        denom = torch._foreach_sqrt(v)
-        torch._foreach_div_(denom, math.sqrt(c2))
-        torch._foreach_add_(denom, a.eps)
-        updates = torch._foreach_div(m, denom)
-        torch._foreach_div_(updates, c1)
-        self._apply(lr, roles, updates)
+        # the update m / c1 / (sqrt(v / c2) + eps), in place of the gradient, which is used up
+        torch._foreach_copy_(g, v)
+        torch._foreach_sqrt_(g)
+        torch._foreach_div_(g, math.sqrt(c2))
+        torch._foreach_add_(g, a.eps)
+        for mi, gi in zip(m, g):
+            torch.div(mi, gi, out=gi)
+        torch._foreach_div_(g, c1)
+        self._apply(lr, roles, g)
 
     # ---- reporting and state ----------------------------------------------------------------
+
+    def workspace_bytes(self) -> float:
+        """The most memory this rank's step allocates beyond parameters, gradients and state: the
+        Muon update's (`muon_workspace_bytes`) or the all-gather of updated parameters
+        (`owners.share_bytes`), whichever is larger; AdamW works in place."""
+        blocks: dict[tuple[int, int], int] = defaultdict(int)
+        tp_elements, tp = 0.0, 1
+        for r in self.mine:
+            for shape in r.block_shapes():
+                blocks[shape] += 1
+            if r.side == "muon" and r.tp_dim is not None:
+                tp_elements += r.param.numel()
+                tp = sharding.tp_split(r.name)[1]
+        muon = muon_workspace_bytes(blocks, self.ns_dtype, tp_elements, tp)
+        element = self.roles[0].param.element_size() if self.roles else 4
+        share = max(owners.share_bytes([sum(r.param.numel() for r in rs) for rs in self.by_rank[e]], element)
+                    for e in (False, True))
+        return max(muon, share)
+
 
     def describe(self) -> str:
         """The assignment table and how evenly the work is dealt, for the start-up log."""

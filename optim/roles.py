@@ -42,19 +42,27 @@ class Split:
             return [(self.groups * s, cols) for s in self.sizes]
         return [(rows, cols)]
 
-    def blocks(self, w: torch.Tensor) -> list[torch.Tensor]:
+    def views(self, w: torch.Tensor) -> list[torch.Tensor]:
+        """The blocks of a whole weight as views of it: gate and up halves; Q, K and V as
+        [groups, rows per group, cols] slices; or the weight itself."""
         if self.kind == "gate_up":
             return list(w.chunk(2, 0))
         if self.kind == "qkv":
-            per_group = w.view(self.groups, sum(self.sizes), w.size(-1))
-            return [b.reshape(-1, w.size(-1)) for b in per_group.split(list(self.sizes), 1)]
+            return list(w.view(self.groups, sum(self.sizes), w.size(-1)).split(list(self.sizes), 1))
         return [w]
 
-    def join(self, blocks: list[torch.Tensor]) -> torch.Tensor:
-        if self.kind == "qkv":
-            cols = blocks[0].size(-1)
-            return torch.cat([b.view(self.groups, -1, cols) for b in blocks], 1).view(-1, cols)
-        return torch.cat(blocks, 0) if len(blocks) > 1 else blocks[0]
+    def block(self, w: torch.Tensor, j: int) -> torch.Tensor:
+        """Matrix `j` of those orthogonalised separately (Q, K or V gathered over the query groups:
+        a copy)."""
+        return self.views(w)[j].reshape(-1, w.size(-1))
+
+    def blocks(self, w: torch.Tensor) -> list[torch.Tensor]:
+        return [self.block(w, j) for j in range(len(self.shapes(*w.shape)))]
+
+    def put(self, w: torch.Tensor, j: int, block: torch.Tensor) -> None:
+        """Write matrix `j` (shaped as `blocks(w)[j]`) back into `w`, in place."""
+        view = self.views(w)[j]
+        view.copy_(block.reshape(view.shape))
 
     def describe(self, rows: int, cols: int) -> str:
         shapes = self.shapes(rows, cols)

@@ -3,9 +3,12 @@ the parameter assignment on the full-size GLM-4.5, clipping, skipped steps and c
 
 import math
 import re
+import weakref
 
 import pytest
 import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from model.config import ConfigError
 from optim import newton_schulz, owners
@@ -187,6 +190,73 @@ def test_huge_gradients_are_clipped_not_stalled(world1):
         results.append({n: p.detach().clone() for n, p in model.named_parameters()})
     for n in results[0]:
         torch.testing.assert_close(results[1][n], results[0][n], rtol=1e-4, atol=1e-6)
+
+
+class _LiveBytes(TorchDispatchMode):
+    """The peak of bytes held in storages that ops allocate inside this mode (views and in-place
+    results of existing tensors allocate nothing), each freed when its last tensor is."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs: dict[int, list[int]] = {}  # storage address -> [live tensors, bytes]
+        self.tracked: dict[int, weakref.ref] = {}  # id -> tensor counted (ids are reused once freed)
+        self.live = self.peak = 0
+
+    def _drop(self, ptr: int, key: int) -> None:
+        self.tracked.pop(key, None)
+        entry = self.refs[ptr]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.live -= entry[1]
+            del self.refs[ptr]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        out = func(*args, **kwargs)
+        for t in pytree.tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or (id(t) in self.tracked and self.tracked[id(t)]() is t):
+                continue
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in self.refs:
+                if ptr in inputs or ptr == 0:
+                    continue
+                self.refs[ptr] = [0, t.untyped_storage().nbytes()]
+                self.live += self.refs[ptr][1]
+                self.peak = max(self.peak, self.live)
+            self.refs[ptr][0] += 1
+            self.tracked[id(t)] = weakref.ref(t)
+            weakref.finalize(t, self._drop, ptr, id(t))
+        return out
+
+
+@pytest.mark.parametrize("ns_dtype", ["fp32", "bf16"])
+def test_a_step_allocates_at_most_its_stated_workspace(world1, monkeypatch, ns_dtype):
+    """Clipping, momentum, the orthogonalised blocks and AdamW's update all work in place, so what
+    a step allocates beyond parameters, gradients and state peaks at one Newton-Schulz batch:
+    `Optimizer.workspace_bytes()`, which glm-plan adds to the optimizer's memory. Batches are capped
+    small here, so that the gradients are many times one batch (before, clipping, Nesterov momentum,
+    the orthogonalised blocks and their joined matrices were each a full copy of the gradients:
+    26 GiB beside 30 GiB of model and state for single_gpu on an H200)."""
+    from optim import optimizer as opt_mod
+
+    monkeypatch.setattr(opt_mod, "_BATCH_ELEMENTS", 1 << 12)
+    model = _tiny(world1)
+    cfg = OptimConfig(lr=0.01, clip_grad=1.0)
+    cfg.muon.ns_dtype = ns_dtype
+    opt = opt_mod.Optimizer(model, cfg)
+    grads = _random_grads(model, 3)
+    for n, p in model.named_parameters():
+        p.grad = grads[n].clone()
+    gradient_bytes = sum(p.grad.nbytes for p in model.parameters())
+    with _LiveBytes() as allocated:
+        info = opt.step()
+    assert info.clip_factor < 1 and not info.skipped
+    stated = opt.workspace_bytes()
+    print(f"{ns_dtype}: allocated at most {allocated.peak:,} bytes, stated {stated:,.0f}, gradients {gradient_bytes:,}")
+    assert stated < gradient_bytes / 8  # the bound is far below a copy of the gradients
+    assert 0.8 * stated <= allocated.peak <= stated
 
 
 def test_non_finite_gradients_skip_the_step_then_stop_the_run(world1, caplog):

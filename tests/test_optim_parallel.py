@@ -179,18 +179,14 @@ def _qkv_contiguous_thirds(monkeypatch):
     """Q, K and V taken as contiguous row ranges instead of per query group."""
     from optim.roles import Split
 
-    blocks, join = Split.blocks, Split.join
+    views = Split.views
 
-    def wrong_blocks(self, w):
+    def wrong_views(self, w):
         if self.kind != "qkv":
-            return blocks(self, w)
+            return views(self, w)
         return list(w.split([self.groups * s for s in self.sizes], 0))
 
-    def wrong_join(self, bs):
-        return torch.cat(bs, 0) if self.kind == "qkv" else join(self, bs)
-
-    monkeypatch.setattr(Split, "blocks", wrong_blocks)
-    monkeypatch.setattr(Split, "join", wrong_join)
+    monkeypatch.setattr(Split, "views", wrong_views)
 
 
 def _no_all_gather(monkeypatch):
@@ -264,3 +260,35 @@ def test_bf16_same_update_as_one_process(start, bf16_reference, tmp_path, layout
         for fault in faults:
             errors = _update_errors(got[fault], bf16_reference, initial)
             assert max(errors.values()) > 5 * BF16_UPDATE_RTOL, f"rank {rank}: {fault} went unnoticed"
+
+
+def _shared(rank, round_elements):
+    """Three ranks own parameters of uneven sizes (rank 2 none); each rank starts with its own
+    values in every parameter, and after `share` holds the owners'."""
+    import torch.distributed as dist
+
+    from optim import owners
+
+    owners.ROUND_ELEMENTS = round_elements
+    dist.init_process_group("gloo")
+    try:
+        shapes = [[(3, 5), (1,), (4, 4)], [(2, 7), (9,), (3, 4)], []]
+        params = [[torch.full(s, float(100 * rank + 10 * owner + i)) for i, s in enumerate(ps)]
+                  for owner, ps in enumerate(shapes)]
+        owners.share(params, None)
+        return [[p.clone() for p in ps] for ps in params]
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("round_elements", [1 << 26, 8], ids=["one-round", "rounds-across-parameters"])
+def test_share_gives_every_rank_the_owners_parameters(tmp_path, round_elements):
+    """The all-gather of updated parameters, in one round or in rounds of 8 elements that cut
+    through parameters (35 elements for the largest owner: 5 rounds, the last of 3)."""
+    from tests import spawn
+
+    got = spawn.run(_shared, 3, round_elements, out_dir=str(tmp_path))
+    for params in got:
+        for owner, ps in enumerate(params):
+            for i, p in enumerate(ps):
+                assert torch.equal(p, torch.full_like(p, float(100 * owner + 10 * owner + i))), (owner, i)
