@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -99,10 +100,17 @@ class StageState:
     weights: float = 0.0
     grads: float = 0.0
     optimizer: dict = field(default_factory=lambda: {"muon": 0.0, "adam": 0.0})
+    # what the optimizer step allocates beside the static memory (optim/optimizer.py), once the
+    # activations are freed
+    workspace: float = 0.0
 
     @property
     def static(self) -> float:
         return self.weights + self.grads + sum(self.optimizer.values())
+
+    def total(self, act: "Activations", recompute: str) -> float:
+        """The peak: the forward and backward passes', or the optimizer step's."""
+        return self.static + max(act.peak(recompute), self.workspace)
 
 
 @dataclass
@@ -125,13 +133,15 @@ class Planner:
     """A model built once on the meta device; layouts evaluated against it."""
 
     def __init__(self, m: ModelConfig, dtype: torch.dtype, micro_batch: int, global_batch_tokens: int,
-                 optim_name: str = "muon", qkv_split: str = "qkv", ns_steps: int = 5):
+                 optim_name: str = "muon", qkv_split: str = "qkv", ns_steps: int = 5, ns_dtype: str = "auto"):
         from model.build import build_model
         from optim import roles
         from pretrain.parallel import single_process
 
         self.m, self.dtype, self.micro_batch = m, dtype, micro_batch
         self.global_batch_tokens, self.ns_steps = global_batch_tokens, ns_steps
+        # Newton-Schulz on a GPU: bf16 unless fp32 is asked for (optim/newton_schulz.py)
+        self.ns_dtype = torch.float32 if ns_dtype == "fp32" else torch.bfloat16
         self.act_bytes = torch.finfo(dtype).bits // 8
         with single_process():
             self.model = build_model(m, ParallelConfig(), meta=True, impl="torch")
@@ -144,7 +154,7 @@ class Planner:
         from model.accounting import numel_per_gpu, stages_holding
         from model.build import stage_plans
         from optim import owners
-        from optim.optimizer import state_bytes
+        from optim.optimizer import muon_workspace_bytes, state_bytes
         from pretrain.train import DDP_SETTINGS
 
         out = [StageState(r, [i for c in plans for i in c["layers"]], plans)
@@ -153,12 +163,15 @@ class Planner:
         grad_bytes = 4 if DDP_SETTINGS["grad_reduce_in_fp32"] else self.act_bytes
         local_experts = self.m.num_experts // p.expert
         groups = {(r, e): [] for r in range(p.pipeline) for e in (False, True)}
+        tp_split = {}  # role name -> this GPU's elements of a tensor-parallel piece
         for role in self.roles:
             n = numel_per_gpu(role.name, role.param, p)
             if role.expert:  # this GPU's experts: the first expert-parallel rank's, all alike
                 if sharding.expert_id(role.name) >= local_experts:
                     continue
                 n *= p.expert
+            if n < role.param.numel() and role.side == "muon":
+                tp_split[role.name] = n
             for r in stages_holding(role.name, self.m, p, stage_of.__getitem__):
                 s = out[r]
                 s.params += n
@@ -167,6 +180,11 @@ class Planner:
                 s.grads += n * grad_bytes
                 groups[r, role.expert].append((role, n))
         dp, edp = _zero_groups(p, world)
+        # per stage: the largest owner's Newton-Schulz blocks by shape and tensor-parallel elements
+        # (dense and expert owners together), and the largest all-gather of updated parameters
+        blocks = {r: defaultdict(int) for r in range(p.pipeline)}
+        tp_elements = {r: 0.0 for r in range(p.pipeline)}
+        share = {r: 0.0 for r in range(p.pipeline)}
         for (r, expert), items in groups.items():
             if not items:
                 continue
@@ -177,11 +195,26 @@ class Planner:
             ranks = edp if expert else dp
             deal = owners.deal(costs, ranks)
             per_rank = [{"muon": 0.0, "adam": 0.0} for _ in range(ranks)]
+            shapes = [defaultdict(int) for _ in range(ranks)]
+            split = [0.0] * ranks
+            numel = [0.0] * ranks
             for (role, n), o in zip(items, deal):
                 per_rank[o][role.side] += state_bytes(role.side, n, self.dtype)
+                for shape in role.block_shapes():
+                    shapes[o][shape] += 1
+                split[o] += tp_split.get(role.name, 0.0)
+                numel[o] += n
             worst = max(per_rank, key=lambda d: d["muon"] + d["adam"])
             for side in worst:
                 out[r].optimizer[side] += worst[side]
+            for shape in {k for d in shapes for k in d}:
+                blocks[r][shape] += max(d[shape] for d in shapes)
+            tp_elements[r] += max(split)
+            share[r] = max(share[r], owners.share_bytes(numel, self.act_bytes))
+        tp = max(p.tensor, p.expert_tensor)
+        for s in out:
+            muon = muon_workspace_bytes(blocks[s.rank], self.ns_dtype, tp_elements[s.rank], tp)
+            s.workspace = max(muon, share[s.rank])
         return out
 
     # ---- activations ---------------------------------------------------------------------
@@ -197,7 +230,7 @@ class Planner:
                                               c["output"]).values()) for c in stage.chunks]
                   for rc in memory.RECOMPUTE}
         microbatches = self.microbatches(p, world, seq_len)
-        logits_grad = (shape.tokens(p) * self.m.vocab_size / p.tensor * self.act_bytes) if output else 0.0
+        logits_grad = memory.output_backward_bytes(self.m, p, shape) if output else 0.0
         rebuild = memory.recompute_working_set(self.m, p, shape, stage.layers, output)
         transient = {rc: logits_grad + (rebuild if rc == "full" else 0.0) for rc in memory.RECOMPUTE}
         return Activations({rc: sum(c) for rc, c in chunks.items()},
@@ -211,7 +244,7 @@ class Planner:
     def least_fitting(states: list[StageState], acts: list[Activations], hw: Hardware) -> str | None:
         """The least recomputation with which every stage fits, or None."""
         for rc in memory.RECOMPUTE:
-            if all(s.static + a.peak(rc) <= hw.usable for s, a in zip(states, acts)):
+            if all(s.total(a, rc) <= hw.usable for s, a in zip(states, acts)):
                 return rc
         return None
 
@@ -368,11 +401,11 @@ def report(planner: Planner, p: ParallelConfig, hw: Hardware, phases: list[Phase
              f"layout {layout_name(p, world)} (expert data {edp}); {dtype} weights, fp32 gradients, "
              f"optimizer state ZeRO-1 over data parallelism", ""]
     lines += [*placement(m, p, planner.model), ""] if p.pipeline > 1 else []
-    lines += ["per GPU (GiB)    params   weights  grads  optimizer (muon + adam)  static"]
+    lines += ["per GPU (GiB)    params   weights  grads  optimizer (muon + adam)  static   optimizer step"]
     for s in states:
         lines.append(f"  stage {s.rank:<3d} {human(s.params):>10s} {_g(s.weights):>8s} {_g(s.grads):>6s} "
                      f"{_g(sum(s.optimizer.values())):>9s} ({_g(s.optimizer['muon'])} + {_g(s.optimizer['adam'])})"
-                     f"{_g(s.static):>12s}")
+                     f"{_g(s.static):>12s}   + {_g(s.workspace)} = {_g(s.static + s.workspace)}")
     for ph in phases:
         mb = planner.microbatches(p, world, ph.seq_len)
         acts = planner.phase(p, world, states, ph.seq_len)
@@ -384,7 +417,7 @@ def report(planner: Planner, p: ParallelConfig, hw: Hardware, phases: list[Phase
                   "  activations (GiB)  per micro-batch: none / selective / full   in flight  "
                   "held + transient   total   of usable"]
         for s, act in zip(states, acts):
-            total = s.static + act.peak(rc)
+            total = s.total(act, rc)
             pm = act.per_micro_batch
             lines.append(f"  stage {s.rank:<3d} {_g(pm['none']):>26s} / {_g(pm['selective']):>6s} / "
                          f"{_g(pm['full']):>6s} {act.in_flight(rc):>9.1f} {_g(act.held[rc]):>11s} + "
@@ -428,7 +461,7 @@ def search(planner: Planner, hw: Hardware, phases: list[Phase], top: int) -> str
         # for its own layout
         rc = fit
         est = planner.step_estimate(p, world, main.seq_len, rc, hw, states)
-        peak = max(s.static + a.peak(rc) for s, a in zip(states, acts))
+        peak = max(s.total(a, rc) for s, a in zip(states, acts))
         others = []
         for ph in phases:
             if ph is main:
@@ -492,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg.parallel.validate(cfg.model, args.gpus, cfg.sources.get("parallel", "parallel"))
         dtype = torch.float32 if cfg.train.dtype == "fp32" else torch.bfloat16
         planner = Planner(cfg.model, dtype, cfg.train.micro_batch_size, cfg.train.global_batch_tokens,
-                          cfg.optim.name, cfg.optim.muon.qkv_split, cfg.optim.muon.ns_steps)
+                          cfg.optim.name, cfg.optim.muon.qkv_split, cfg.optim.muon.ns_steps, cfg.optim.muon.ns_dtype)
         phases = phases_of(cfg, args.seq_len)
     except ConfigError as e:
         print(f"glm-plan: {e}", file=sys.stderr)

@@ -60,10 +60,13 @@ def _measure(model_cfg, parallel, dtype, seq, micro, recomputes, seed=0) -> dict
     torch.manual_seed(seed)
     model = build_model(model_cfg, parallel, dtype=dtype, impl="torch")
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(**DDP_SETTINGS), model)
-    opt = Optimizer(model, OptimConfig())
+    cfg = OptimConfig()
+    cfg.muon.ns_dtype = "bf16"  # as on a GPU, which the planner plans for
+    opt = Optimizer(model, cfg)
     out = {"weights": sum(p.nbytes for p in model.parameters()),
            "grads": sum(b.grad_data.nbytes for b in [*ddp.buffers, *ddp.expert_parallel_buffers]),
-           "optimizer": sum(t.nbytes for s in opt.state.values() for t in s.values())}
+           "optimizer": sum(t.nbytes for s in opt.state.values() for t in s.values()),
+           "step workspace": opt.workspace_bytes()}
     ids = torch.randint(0, model_cfg.vocab_size, (micro, seq))
     for rc in recomputes:
         _set_recompute(model, model_cfg, rc)
@@ -96,6 +99,8 @@ def test_single_gpu_memory_matches_measured(world1, name, dtype):
     _close(got["weights"], stage.weights, 0.0, "weights")
     _close(got["grads"], stage.grads, STATE_MARGIN, "gradient buffers")
     _close(got["optimizer"], sum(stage.optimizer.values()), 0.0, "optimizer state")
+    # what the step allocates: the optimizer's own count, measured in tests/test_optim.py
+    _close(got["step workspace"], stage.workspace, 0.0, "optimizer step workspace")
     for rc in memory.RECOMPUTE:
         _close(got[rc], act.per_micro_batch[rc], ACTIVATION_MARGIN, f"activations, recompute {rc}")
     # and the whole: what the CPU holds at the end of the forward pass
@@ -134,6 +139,7 @@ def test_parallel_memory_matches_measured(tmp_path, layout):
         _close(r["weights"], stage.weights, 0.0, "weights")
         _close(r["grads"], stage.grads, STATE_MARGIN, "gradient buffers")
     _close(max(r["optimizer"] for r in got), sum(stage.optimizer.values()), 0.0, "optimizer state, largest owner")
+    _close(max(r["step workspace"] for r in got), stage.workspace, 0.0, "optimizer step workspace, largest")
     for rc in ("none", "full"):
         mean = sum(r[rc] for r in got) / len(got)
         _close(mean, act.per_micro_batch[rc], ACTIVATION_MARGIN, f"activations per rank, recompute {rc}")
