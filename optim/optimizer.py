@@ -50,6 +50,16 @@ def muon_workspace_bytes(blocks: dict[tuple[int, int], int], ns_dtype: torch.dty
     return max(4 * (1 + 2 * tp) * tp_elements, 4 * tp * tp_elements + ns)
 
 
+def step_workspace_bytes(blocks: dict[tuple[int, int], int], ns_dtype: torch.dtype, tp_elements: float, tp: int,
+                         owned: list[list[float]], element_bytes: int) -> float:
+    """The most memory a step allocates beyond parameters, gradients and state: the Muon update's
+    (`muon_workspace_bytes`) or the all-gather of updated parameters over each data-parallel group
+    (`owned`: per group, the elements each rank owns; `owners.share_bytes`), whichever is larger.
+    AdamW works in place."""
+    share = max((owners.share_bytes(counts, element_bytes) for counts in owned), default=0.0)
+    return max(muon_workspace_bytes(blocks, ns_dtype, tp_elements, tp), share)
+
+
 # The fp32 tensors kept for each parameter its rank owns, by side; plus an fp32 master copy of a
 # parameter that is not itself fp32.
 MOMENTS = {"muon": ("momentum",), "adam": ("exp_avg", "exp_avg_sq")}
@@ -275,9 +285,8 @@ class Optimizer:
     # ---- reporting and state ----------------------------------------------------------------
 
     def workspace_bytes(self) -> float:
-        """The most memory this rank's step allocates beyond parameters, gradients and state: the
-        Muon update's (`muon_workspace_bytes`) or the all-gather of updated parameters
-        (`owners.share_bytes`), whichever is larger; AdamW works in place."""
+        """The most memory this rank's step allocates beyond parameters, gradients and state
+        (`step_workspace_bytes`)."""
         blocks: dict[tuple[int, int], int] = defaultdict(int)
         tp_elements, tp = 0.0, 1
         for r in self.mine:
@@ -286,11 +295,9 @@ class Optimizer:
             if r.side == "muon" and r.tp_dim is not None:
                 tp_elements += r.param.numel()
                 tp = sharding.tp_split(r.name)[1]
-        muon = muon_workspace_bytes(blocks, self.ns_dtype, tp_elements, tp)
+        owned = [[sum(r.param.numel() for r in rs) for rs in self.by_rank[e]] for e in (False, True)]
         element = self.roles[0].param.element_size() if self.roles else 4
-        share = max(owners.share_bytes([sum(r.param.numel() for r in rs) for rs in self.by_rank[e]], element)
-                    for e in (False, True))
-        return max(muon, share)
+        return step_workspace_bytes(blocks, self.ns_dtype, tp_elements, tp, owned, element)
 
 
     def describe(self) -> str:

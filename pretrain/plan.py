@@ -154,7 +154,7 @@ class Planner:
         from model.accounting import numel_per_gpu, stages_holding
         from model.build import stage_plans
         from optim import owners
-        from optim.optimizer import muon_workspace_bytes, state_bytes
+        from optim.optimizer import state_bytes, step_workspace_bytes
         from pretrain.train import DDP_SETTINGS
 
         out = [StageState(r, [i for c in plans for i in c["layers"]], plans)
@@ -181,10 +181,10 @@ class Planner:
                 groups[r, role.expert].append((role, n))
         dp, edp = _zero_groups(p, world)
         # per stage: the largest owner's Newton-Schulz blocks by shape and tensor-parallel elements
-        # (dense and expert owners together), and the largest all-gather of updated parameters
+        # (dense and expert owners together), and the elements each rank owns, per group
         blocks = {r: defaultdict(int) for r in range(p.pipeline)}
         tp_elements = {r: 0.0 for r in range(p.pipeline)}
-        share = {r: 0.0 for r in range(p.pipeline)}
+        owned = {r: [] for r in range(p.pipeline)}
         for (r, expert), items in groups.items():
             if not items:
                 continue
@@ -210,11 +210,11 @@ class Planner:
             for shape in {k for d in shapes for k in d}:
                 blocks[r][shape] += max(d[shape] for d in shapes)
             tp_elements[r] += max(split)
-            share[r] = max(share[r], owners.share_bytes(numel, self.act_bytes))
+            owned[r].append(numel)
         tp = max(p.tensor, p.expert_tensor)
         for s in out:
-            muon = muon_workspace_bytes(blocks[s.rank], self.ns_dtype, tp_elements[s.rank], tp)
-            s.workspace = max(muon, share[s.rank])
+            s.workspace = step_workspace_bytes(blocks[s.rank], self.ns_dtype, tp_elements[s.rank], tp,
+                                               owned[s.rank], self.act_bytes)
         return out
 
     # ---- activations ---------------------------------------------------------------------
