@@ -16,6 +16,7 @@ examples:
   glm-data prepare embedded:code --code -o outputs/data/embedded/code
   glm-data prepare 'crawl/*.jsonl.zst' --tokenizer /models/GLM-4.5 -o /data/web
   glm-data prepare repo/ --code --fim-rate 0.9 --tokenizer tokenizer.json -o /data/code
+  glm-data prepare repos/ --repo-level --sample-tokens 32768 --tokenizer /models/GLM-4.5 -o /data/repo_32k
   glm-data prepare 'crawl/*.jsonl.zst' --tokenizer /models/GLM-4.5 -o /data/web --part 3/64   (x 64, then:)
   glm-data prepare 'crawl/*.jsonl.zst' --tokenizer /models/GLM-4.5 -o /data/web --merge 64
   glm-data inspect outputs/data/embedded/code
@@ -44,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=16384, help="vocabulary of the default tokenizer (16384)")
     p.add_argument("--text-field", default="text", help="JSONL field / Parquet column with the text (text)")
     p.add_argument("--code", action="store_true", help="the inputs are source code: apply Fill-in-the-Middle")
+    p.add_argument("--repo-level", action="store_true",
+                   help="each first-level subdirectory of an input directory is a repository and becomes one "
+                   "document: its text files in sorted order, each preceded by its relative path on a line, FIM "
+                   "drawn per file (implies --code; --fim-rate 0 turns FIM off); binary and non-UTF-8 files are "
+                   "left out and counted; a repository longer than --sample-tokens is cut at file boundaries; "
+                   "--part never splits a repository")
     p.add_argument("--fim-rate", type=float, default=0.5, help="share of code documents given FIM (0.5)")
     p.add_argument("--fim-spm-rate", type=float, default=0.5, help="share of FIM documents in SPM order (0.5)")
     p.add_argument("--eod-token", help="end-of-document token (default: <|endoftext|> or a common spelling)")

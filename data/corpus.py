@@ -28,6 +28,9 @@ MIN_DOCSTRING = 200  # characters; shorter docstrings are one-liners that teach 
 class Document:
     id: str
     text: str
+    # a repository (glm-data prepare --repo-level): its text files as (relative path, text), in
+    # order; `text` is then their concatenation, for counting and emptiness
+    files: tuple[tuple[str, str], ...] = ()
 
 
 def stdlib_dir() -> Path:

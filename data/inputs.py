@@ -1,5 +1,6 @@
 """Raw inputs for `prepare`: JSONL and JSON (optionally .gz/.zst), Parquet and plain-text files, given as
-files, directories (walked recursively) or globs, plus `embedded:general` / `embedded:code`.
+files, directories (walked recursively) or globs, plus `embedded:general` / `embedded:code`; with
+--repo-level, directories of repositories (each first-level subdirectory one document).
 
 Every document gets a stable id (`path:line`, `path:row`, or `path`) that goes into the shard
 metadata, so any token can be traced back to where it came from.
@@ -25,6 +26,42 @@ EMBEDDED = "embedded:"
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".ndjson")
 JSON_SUFFIXES = (".json", ".json.gz", ".json.zst")
 PARQUET_SUFFIXES = (".parquet",)
+
+
+def expand_repositories(specs: list[str]) -> list[str]:
+    """Repository-level inputs: each spec is a directory (or a glob of directories) whose first-level
+    subdirectories are repositories -> the sorted repository directories. Hidden ones are left out."""
+    out: list[str] = []
+    for spec in specs:
+        dirs = [Path(spec)] if Path(spec).is_dir() else sorted(Path(p) for p in glob.glob(spec) if Path(p).is_dir())
+        if not dirs:
+            raise DataError(f"{spec}: --repo-level takes directories whose subdirectories are repositories; "
+                            "this is no directory")
+        for d in dirs:
+            repos = sorted(str(p) for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
+            if not repos:
+                raise DataError(f"{d}: no repositories in it (--repo-level reads each first-level subdirectory "
+                                "as one repository)")
+            out.extend(repos)
+    return list(dict.fromkeys(out))
+
+
+def repository_files(repo: Path) -> list[Path]:
+    """A repository's files in a stable order (relative paths, sorted), hidden files and folders
+    (.git, .github, ...) left out."""
+    return sorted((p for p in repo.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(repo).parts)),
+                  key=lambda p: p.relative_to(repo).as_posix())
+
+
+def input_bytes(spec: str) -> int:
+    """Bytes of one expanded input (a repository: all its files), for balancing --part ranges."""
+    path = Path(spec)
+    if spec.startswith(EMBEDDED):
+        return 1
+    if path.is_dir():
+        return max(sum(f.stat().st_size for f in repository_files(path)), 1)
+    return max(path.stat().st_size, 1)
 
 
 def expand(specs: list[str]) -> list[str]:
@@ -63,11 +100,14 @@ class Reader:
             raise DataError(f"--invalid-utf8={invalid_utf8!r}: expected error or replace")
         self.field, self.invalid_utf8 = field, invalid_utf8
         self.replaced: dict[str, int] = {}
+        self.skipped_files: dict[str, int] = {}  # per repository: binary or undecodable files left out
 
     def read(self, spec: str) -> Iterator[Document]:
         """The documents of one expanded input."""
         if spec.startswith(EMBEDDED):
             yield from documents(spec[len(EMBEDDED):])
+        elif Path(spec).is_dir():
+            yield from self._repository(spec)
         elif spec.endswith(JSONL_SUFFIXES):
             yield from self._jsonl(spec)
         elif spec.endswith(JSON_SUFFIXES):
@@ -81,6 +121,25 @@ class Reader:
             except UnicodeDecodeError:
                 return  # not text (an image, a binary): left out, and listed in the summary
             yield Document(spec, text)
+
+    def _repository(self, spec: str) -> Iterator[Document]:
+        """One document for a whole repository: its text files in order, each to be preceded by its
+        relative path (data/prepare.py). Binary files (a NUL byte) and files that are not UTF-8 are
+        left out and counted, whatever --invalid-utf8 says: a repository holds images and archives."""
+        repo = Path(spec)
+        files = []
+        for path in repository_files(repo):
+            raw = path.read_bytes()
+            try:
+                if b"\0" in raw:
+                    raise UnicodeDecodeError("utf-8", raw, raw.index(b"\0"), raw.index(b"\0") + 1, "NUL byte")
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                self.skipped_files[spec] = self.skipped_files.get(spec, 0) + 1
+                continue
+            if text:
+                files.append((path.relative_to(repo).as_posix(), text))
+        yield Document(spec, "".join(t for _, t in files), tuple(files))
 
     # --- text -------------------------------------------------------------------------------------
     def _decode(self, raw: bytes, where: str) -> str:

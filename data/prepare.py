@@ -59,6 +59,12 @@ class Options:
     invalid_utf8: str = "error"  # error | replace (bytes that are not UTF-8 become U+FFFD, counted)
     part: str | None = None  # "i/N": tokenise only the i-th (from 0) of N ranges of the inputs
     merge: int | None = None  # N: write shards and manifest from the N parts in <out>.parts
+    # each first-level subdirectory of an input directory is one repository, one document (code)
+    repo_level: bool = False
+
+    def __post_init__(self):
+        if self.repo_level:
+            self.code = True  # repositories are code: FIM per file (--fim-rate 0 turns it off)
 
     def validate(self) -> None:
         for name in ("fim_rate", "fim_spm_rate"):
@@ -101,25 +107,66 @@ def _init_worker(tokenizer_json: str, settings: dict) -> None:
               compressor=zstandard.ZstdCompressor(level=settings["level"], write_checksum=True))
 
 
-def _tokenise(docs: list[Document]) -> list[np.ndarray]:
-    """Token ids per document, FIM applied to a drawn fraction of code documents, EOD appended."""
+def _tokenise(docs: list[Document]) -> list[np.ndarray | list[np.ndarray]]:
+    """Token ids per document, FIM applied to a drawn fraction of code documents, EOD appended. A
+    repository (Document.files) gives one array per file instead, no EOD: each file is its relative
+    path on a line, then its text (FIM drawn per file), and `_encode_chunk` cuts the repository into
+    documents."""
     plans, pieces = [], []
-    for doc in docs:
-        # drawn from the seed and the document's id only: the same inputs give the same draws
-        # whatever the dataset is called or wherever it is written
-        rng = fim.rng_for(_W["seed"], "fim", doc.id) if _W["code"] else None
+
+    def plan(key: str, text: str, header: str | None = None):
+        # drawn from the seed and the document's (or file's) id only: the same inputs give the same
+        # draws whatever the dataset is called or wherever it is written
+        rng = fim.rng_for(_W["seed"], "fim", key) if _W["code"] else None
         if rng is not None and rng.random() < _W["fim_rate"]:
-            mode, parts = fim.permute(rng, doc.text, _W["fim_spm_rate"])
+            mode, parts = fim.permute(rng, text, _W["fim_spm_rate"])
         else:
-            mode, parts = None, [doc.text]
-        plans.append((mode, len(pieces), len(parts)))
+            mode, parts = None, [text]
+        plans.append((mode, len(pieces), len(parts), header is not None))
+        if header is not None:
+            pieces.append(header)
         pieces.extend(parts)
+
+    for doc in docs:
+        if doc.files:
+            for path, text in doc.files:
+                plan(f"{doc.id}/{path}", text if text.endswith("\n") else text + "\n", f"{path}\n")
+        else:
+            plan(doc.id, doc.text)
     encoded = [e.ids for e in _W["tok"].encode_batch_fast(pieces, add_special_tokens=False)]
-    out = []
-    for mode, start, n in plans:
+    arrays = []
+    for mode, start, n, header in plans:
+        head = encoded[start] if header else []
+        start += header
         ids = fim.arrange(mode, *encoded[start:start + 3], _W["ids"]) if mode else encoded[start]
-        out.append(np.array([*ids, _W["ids"].eod], dtype=_W["dtype"]))
+        arrays.append([*head, *ids])
+    out, at = [], 0
+    for doc in docs:
+        if doc.files:
+            out.append([np.array(ids, dtype=_W["dtype"]) for ids in arrays[at:at + len(doc.files)]])
+            at += len(doc.files)
+        else:
+            out.append(np.array([*arrays[at], _W["ids"].eod], dtype=_W["dtype"]))
+            at += 1
     return out
+
+
+def _repository_documents(doc_id: str, files: list[np.ndarray], limit: int) -> list[tuple[str, np.ndarray]]:
+    """A repository's files as documents (EOD appended to each) of at most `limit` tokens where the
+    files allow: cut at file boundaries only (a single file longer than that stays whole). One piece
+    keeps the repository's id; several are named `<id>#k/n`."""
+    groups, current, size = [], [], 0
+    for ids in files:
+        if current and size + len(ids) + 1 > limit:
+            groups.append(current)
+            current, size = [], 0
+        current.append(ids)
+        size += len(ids)
+    if current:
+        groups.append(current)
+    eod = np.array([_W["ids"].eod], dtype=_W["dtype"])
+    return [(doc_id if len(groups) == 1 else f"{doc_id}#{k}/{len(groups)}", np.concatenate([*group, eod]))
+            for k, group in enumerate(groups, 1)]
 
 
 def _encode_chunk(job: tuple[int, list[Document]]) -> tuple[int, list[tuple[int, int, dict]], int, int]:
@@ -137,14 +184,18 @@ def _encode_chunk(job: tuple[int, list[Document]]) -> tuple[int, list[tuple[int,
             group.clear()
 
     pending = 0
+    documents = 0
     for doc, tokens in zip(kept, _tokenise(kept)):
-        if group and pending + len(tokens) > _W["sample_tokens"]:
-            flush()
-            pending = 0
-        group.append((doc.id, tokens))
-        pending += len(tokens)
+        for doc_id, ids in (_repository_documents(doc.id, tokens, _W["sample_tokens"]) if doc.files
+                            else [(doc.id, tokens)]):
+            if group and pending + len(ids) > _W["sample_tokens"]:
+                flush()
+                pending = 0
+            group.append((doc_id, ids))
+            pending += len(ids)
+            documents += 1
     flush()
-    return index, samples, len(kept), len(docs) - len(kept)
+    return index, samples, documents, len(docs) - len(kept)
 
 
 # --- main side -------------------------------------------------------------------------------------
@@ -234,7 +285,7 @@ def ranges(files: list[str], n: int) -> list[range]:
     """N contiguous ranges of the inputs with about equal bytes each: input j goes to the part its
     byte midpoint falls in (parts may be empty when N exceeds the inputs). The same files give the
     same ranges."""
-    sizes = [1 if f.startswith(inputs.EMBEDDED) else max(os.path.getsize(f), 1) for f in files]
+    sizes = [inputs.input_bytes(f) for f in files]
     total, cum, counts = sum(sizes), 0, [0] * n
     for size in sizes:
         counts[min(n - 1, int((cum + size / 2) * n / total))] += 1
@@ -252,7 +303,7 @@ def prepare(opts: Options, progress: bool = True) -> dict:
     import shutil
 
     opts.validate()
-    files = inputs.expand(opts.inputs)
+    files = inputs.expand_repositories(opts.inputs) if opts.repo_level else inputs.expand(opts.inputs)
     out = Path(opts.out)
     name = opts.name or out.resolve().name
     target = out
@@ -349,7 +400,8 @@ def _prepare_into(out: Path, name: str, files: list[str], opts: Options, progres
         name, "code" if opts.code else "text", dtype, toks.describe(tok, ids, tok_source), writer.shards, per_input,
         {"text_field": opts.text_field, "fim_rate": opts.fim_rate if opts.code else 0.0,
          "fim_spm_rate": opts.fim_spm_rate, "seed": opts.seed, "sample_tokens": opts.sample_tokens,
-         "shard_tokens": shard_tokens, "zstd_level": opts.zstd_level, "invalid_utf8": opts.invalid_utf8})
+         "shard_tokens": shard_tokens, "zstd_level": opts.zstd_level, "invalid_utf8": opts.invalid_utf8,
+         **({"repo_level": True} if opts.repo_level else {})})
     fmt.write_manifest(out, manifest)
     manifest["elapsed_s"] = time.perf_counter() - started  # reported, not stored: shards stay reproducible
     return manifest
@@ -359,6 +411,8 @@ def _note_replaced(per_input: list[dict], reader) -> None:
     for item in per_input:
         if reader.replaced.get(item["path"]):
             item["replaced_characters"] = reader.replaced[item["path"]]
+        if reader.skipped_files.get(item["path"]):
+            item["skipped_files"] = reader.skipped_files[item["path"]]
 
 
 # --- parts -----------------------------------------------------------------------------------------
@@ -462,6 +516,11 @@ def summary(manifest: dict, out: str) -> str:
         lines.append(f"  replaced {sum(n for _, n in replaced):,} invalid UTF-8 sequence(s) with U+FFFD in "
                      f"{len(replaced)} input(s): " + ", ".join(f"{p} ({n})" for p, n in replaced[:5])
                      + (" ..." if len(replaced) > 5 else ""))
+    binary = [(p["path"], p["skipped_files"]) for p in manifest["inputs"] if p.get("skipped_files")]
+    if binary:
+        lines.append(f"  left out {sum(n for _, n in binary):,} binary or non-UTF-8 file(s) in {len(binary)} "
+                     "repositor" + ("y" if len(binary) == 1 else "ies") + ": "
+                     + ", ".join(f"{p} ({n})" for p, n in binary[:5]) + (" ..." if len(binary) > 5 else ""))
     if silent:
         lines.append(f"  {len(silent)} input(s) gave no documents (empty, or not UTF-8 text): "
                      f"{', '.join(silent[:5])}{' ...' if len(silent) > 5 else ''}")

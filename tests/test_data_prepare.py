@@ -236,3 +236,79 @@ def test_merge_refuses_missing_or_mismatched_parts(embedded, tmp_path, capsys):
     for bad in ("3/3", "1", "a/b"):
         assert cli.main([*common, "--part", bad]) == 2
         assert "--part" in capsys.readouterr().err
+
+
+# ---- repository-level documents -------------------------------------------------------------------
+
+def _repositories(root):
+    """Three repositories (and what a checkout also holds: hidden folders, binaries, a loose file)."""
+    files = {
+        "alpha/README.md": "# Alpha\nA tiny package.\n",
+        "alpha/src/core.py": "def add(a, b):\n    return a + b\n",
+        "alpha/src/util.py": "from core import add\n\nprint(add(1, 2))",
+        "alpha/.git/config": "[core]\n",
+        "beta/main.py": "import os\nprint(os.getcwd())\n",
+        "gamma/a.py": "w = 1\n" * 8,
+        "gamma/b.py": "x = 2\n" * 8,
+        "gamma/c.py": "y = 3\n" * 8,
+        "gamma/d.py": "z = 4\n" * 8,
+        "notes.txt": "a file in no repository",
+    }
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    (root / "alpha" / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    (root / "alpha" / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    return files
+
+
+def test_repo_level_documents_are_whole_repositories(embedded, tmp_path):
+    """One document per first-level subdirectory: its text files in path order, each after its
+    relative path; hidden, binary and non-UTF-8 files left out (counted); a repository longer than a
+    sample cut at file boundaries; ids name the repository; the same inputs, in one run or in parts,
+    give the same bytes, and no part splits a repository."""
+    _repositories(tmp_path / "repos")
+    tok = toks.load(embedded / "code")
+    common = ["prepare", str(tmp_path / "repos"), "--repo-level", "--tokenizer", str(embedded / "code"), "--name", "repo",
+              "--sample-tokens", "96", "--shard-tokens", "128", "--workers", "1", "-q"]
+    assert cli.main([*common, "--fim-rate", "0", "-o", str(tmp_path / "plain")]) == 0
+    docs = stored_docs(tmp_path / "plain")
+    text = {k: tok.decode(v[:-1].tolist(), skip_special_tokens=False) for k, v in docs.items()}
+    repo = str(tmp_path / "repos")
+    assert text[f"{repo}/alpha"] == ("README.md\n# Alpha\nA tiny package.\n"
+                                     "src/core.py\ndef add(a, b):\n    return a + b\n"
+                                     "src/util.py\nfrom core import add\n\nprint(add(1, 2))\n")
+    assert text[f"{repo}/beta"] == "main.py\nimport os\nprint(os.getcwd())\n"
+    pieces = sorted(k for k in docs if k.startswith(f"{repo}/gamma#"))
+    assert len(pieces) > 1 and all(len(docs[k]) <= 96 for k in pieces)
+    assert "".join(text[k] for k in pieces) == "".join(f"{n}.py\n" + f"{v} = {i}\n" * 8
+                                                       for i, (n, v) in enumerate(zip("abcd", "wxyz"), 1))
+    assert all(text[k].startswith(("a.py\n", "b.py\n", "c.py\n", "d.py\n")) for k in pieces)  # at file edges
+    manifest = json.loads((tmp_path / "plain" / fmt.MANIFEST).read_text())
+    by_input = {p["path"]: p for p in manifest["inputs"]}
+    assert list(by_input) == [f"{repo}/alpha", f"{repo}/beta", f"{repo}/gamma"]
+    assert by_input[f"{repo}/alpha"]["skipped_files"] == 2 and "skipped_files" not in by_input[f"{repo}/beta"]
+    assert manifest["options"]["repo_level"] and manifest["kind"] == "code"
+
+    assert cli.main([*common, "--fim-rate", "0", "-o", str(tmp_path / "again")]) == 0
+    for i in (1, 0):
+        assert cli.main([*common, "--fim-rate", "0", "-o", str(tmp_path / "merged"), "--part", f"{i}/2"]) == 0
+        part = json.loads((tmp_path / "merged.parts" / f"part-0000{i}-of-00002" / "part.json").read_text())
+        assert {p["path"] for p in part["per_input"]} <= set(by_input)  # whole repositories
+    assert cli.main([*common, "--fim-rate", "0", "-o", str(tmp_path / "merged"), "--merge", "2"]) == 0
+    for other in ("again", "merged"):
+        cmp = filecmp.dircmp(tmp_path / "plain", tmp_path / other)
+        assert not cmp.diff_files and not cmp.left_only and not cmp.right_only, other
+
+    # Fill-in-the-Middle per file: each file's path stays in front of its own FIM sentinels
+    assert cli.main([*common, "--fim-rate", "1", "-o", str(tmp_path / "fim")]) == 0
+    fim_text = tok.decode(stored_docs(tmp_path / "fim")[f"{repo}/beta"].tolist(), skip_special_tokens=False)
+    assert fim_text.startswith("main.py\n<|fim_prefix|>") and fim_text.count("<|fim_middle|>") == 1
+
+
+def test_repo_level_refuses_what_holds_no_repositories(embedded, tmp_path, capsys):
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "a.py").write_text("x = 1\n")
+    for spec, message in ((tmp_path / "flat", "no repositories in it"), (tmp_path / "nothing", "this is no directory")):
+        assert cli.main(["prepare", str(spec), "--repo-level", "-o", str(tmp_path / "out"), "-q"]) == 2
+        assert message in capsys.readouterr().err
