@@ -14,10 +14,16 @@ per row); each core attention turns them into what it needs, once per micro-batc
 - `SDPAttention` on a CPU (FlexAttention has no backward there): SDPA with a dense boolean mask;
 - Megatron's own core attentions (`impl=local`, Transformer Engine): their dense
   [b, 1, s, s] mask with True = masked, through a forward pre-hook (`accept_segment_ids`).
+
+Under context parallelism (model/context_parallel.py) `SDPAttention` attends with this rank's
+queries to the whole sequence's keys and values, gathered over the CP ranks, with the same masks
+built from global positions: FlexAttention's block mask (queries S/N, keys S) on a GPU, a dense
+[b, 1, S/N, S] mask for SDPA on a CPU.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from typing import Optional
@@ -26,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
+
+from model import context_parallel
 
 # FlexAttention's tile: a block mask records, per 128 x 128 tile, whether it is empty, full or
 # partly masked.
@@ -60,38 +68,61 @@ def dense_document_mask(segments: torch.Tensor) -> torch.Tensor:
     return ~(same & causal)[:, None]
 
 
-def document_block_mask(segments: torch.Tensor, block: int = BLOCK):
+def document_block_mask(segments: torch.Tensor, block: int = BLOCK, q_positions: torch.Tensor | None = None):
     """FlexAttention block mask for packed rows: query q sees key k iff k <= q and both lie in the
-    same document (equal segment id). Built from per-tile minimum and maximum segment ids in
-    O(s + (s/block)^2), never an s x s tensor: a tile is skipped when its id ranges are disjoint,
-    taken whole (no mask evaluated) when both tiles hold one and the same document below the
-    diagonal, and masked element-wise otherwise."""
+    same document (equal segment id). Built from per-tile minimum and maximum segment ids and
+    positions in O(s + (s/block)^2), never an s x s tensor: a tile is skipped when its id ranges are
+    disjoint or all its keys come after all its queries, taken whole (no mask evaluated) when both
+    tiles are complete and hold one and the same document with every key at or before every query,
+    and masked element-wise otherwise.
+
+    `q_positions` (context parallelism, model/context_parallel.py): the sequence positions of the
+    queries, fewer than the keys; the keys are the whole sequence. Default: queries are the keys."""
     from torch.nn.attention.flex_attention import BlockMask
 
     b, s = segments.shape
-    n = -(-s // block)
-    pad = n * block - s
-    big = torch.iinfo(segments.dtype).max
-    lo = F.pad(segments, (0, pad), value=big).view(b, n, block).amin(-1)
-    hi = F.pad(segments, (0, pad), value=-big).view(b, n, block).amax(-1)
-    i = torch.arange(n, device=segments.device)
-    below, diagonal = i[:, None] > i[None, :], i[:, None] == i[None, :]
-    q_lo, q_hi, k_lo, k_hi = lo[:, :, None], hi[:, :, None], lo[:, None, :], hi[:, None, :]
+    device = segments.device
+    qpos = torch.arange(s, device=device) if q_positions is None else q_positions.to(device)
+    sq = qpos.numel()
+    q_segments = segments if q_positions is None else segments[:, qpos]
+    nq, nk = -(-sq // block), -(-s // block)
+    big = 2**40  # above any position or segment id; exact as the float F.pad takes
+
+    def tiles(values, n):  # per-tile (min, max) of [..., length] values; padding counts in neither
+        pad = n * block - values.shape[-1]
+        values = values.long()
+        lo = F.pad(values, (0, pad), value=big).view(*values.shape[:-1], n, block).amin(-1)
+        hi = F.pad(values, (0, pad), value=-big).view(*values.shape[:-1], n, block).amax(-1)
+        return lo, hi
+
+    q_lo, q_hi = (t[:, :, None] for t in tiles(q_segments, nq))
+    k_lo, k_hi = (t[:, None, :] for t in tiles(segments, nk))
+    qp_lo, qp_hi = (t[:, :, None] for t in tiles(qpos[None], nq))
+    kp_lo, kp_hi = (t[:, None, :] for t in tiles(torch.arange(s, device=device)[None], nk))
+    complete = (torch.arange(nq, device=device) < sq // block)[None, :, None] & \
+        (torch.arange(nk, device=device) < s // block)[None, None, :]
     overlap = (k_lo <= q_hi) & (q_lo <= k_hi)
-    full = below & (q_lo == q_hi) & (k_lo == k_hi) & (q_lo == k_lo)
-    partial = overlap & (below | diagonal) & ~full
+    some_before = kp_lo <= qp_hi  # some key at or before some query
+    all_before = kp_hi <= qp_lo  # every key at or before every query
+    full = complete & all_before & (q_lo == q_hi) & (k_lo == k_hi) & (q_lo == k_lo)
+    partial = overlap & some_before & ~full
 
-    def listed(tiles):  # per query tile: how many key tiles, and which (those first)
-        order = torch.argsort((~tiles).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-        return tiles.sum(-1, dtype=torch.int32)[:, None], order[:, None]
+    def listed(tiles_):  # per query tile: how many key tiles, and which (those first)
+        order = torch.argsort((~tiles_).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return tiles_.sum(-1, dtype=torch.int32)[:, None], order[:, None]
 
-    ids = F.pad(segments, (0, pad), value=-1)  # the kernel may read the last tile's padding
+    # the kernel may read the last tiles' padding: padded keys belong to no document; padded
+    # queries sit after the sequence
+    k_ids = F.pad(segments, (0, nk * block - s), value=-1)
+    q_ids = F.pad(q_segments, (0, nq * block - sq), value=-1)
+    q_at = torch.arange(nq * block, device=device) if q_positions is None else \
+        F.pad(qpos, (0, nq * block - sq), value=s)
 
     def same_document(b_, h_, q, k):
-        return (ids[b_, q] == ids[b_, k]) & (q >= k)
+        return (k_ids[b_, k] == q_ids[b_, q]) & (k <= q_at[q])
 
     return BlockMask.from_kv_blocks(*listed(partial), *listed(full), BLOCK_SIZE=block,
-                                    mask_mod=same_document, seq_lengths=(s, s))
+                                    mask_mod=same_document, seq_lengths=(sq, s))
 
 
 _dense = _PerMicroBatch(dense_document_mask)
@@ -114,16 +145,15 @@ class SDPAttention(MegatronModule):
     """Megatron's core-attention interface (query [sq, b, heads, d], key/value [sk, b, groups, d]
     -> [sq, b, heads * d]) on PyTorch's fused attention. Softmax scale as Megatron's (1/sqrt(d)
     unless the config sets one); query-key layer scaling cancels out in exact arithmetic and is
-    not applied. Context parallelism, attention dropout, sliding windows, attention sinks and
-    Megatron's packed-sequence (THD) format are refused at construction or call."""
+    not applied. Under context parallelism the queries are this rank's chunks and the keys and
+    values the whole sequence's (`_context_parallel`). Attention dropout, sliding windows, attention
+    sinks and Megatron's packed-sequence (THD) format are refused at construction or call."""
 
     def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str,
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
                  cp_comm_type: Optional[str] = None, pg_collection=None):
         super().__init__(config=config)
         refused = {
-            "context_parallel_size": (config.context_parallel_size, 1,
-                                      "context parallelism needs Transformer Engine's attention"),
             "attention_dropout": (config.attention_dropout if attention_dropout is None else attention_dropout, 0.0,
                                   "GLM-4.5 trains without attention dropout"),
             "window_size": (config.window_size, None, "sliding-window attention is not supported"),
@@ -134,6 +164,14 @@ class SDPAttention(MegatronModule):
                 raise ValueError(f"SDPAttention: {field}={value!r}: {why} (impl=torch); use impl=te")
         self.attn_mask_type = attn_mask_type
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
+        self.cp_group = None
+        if config.context_parallel_size > 1:
+            if pg_collection is not None and getattr(pg_collection, "cp", None) is not None:
+                self.cp_group = pg_collection.cp
+            else:
+                from megatron.core import parallel_state
+
+                self.cp_group = parallel_state.get_context_parallel_group()
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -141,6 +179,8 @@ class SDPAttention(MegatronModule):
             raise ValueError("SDPAttention: packed_seq_params (THD) and attention_bias are not supported; "
                              "packed documents come as segment ids in attention_mask")
         sq, b, heads, d = query.shape
+        if self.cp_group is not None and self.cp_group.size() > 1:
+            return self._context_parallel(query, key, value, attention_mask, attn_mask_type)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
         gqa = key.shape[2] != heads
         causal = (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal
@@ -157,6 +197,69 @@ class SDPAttention(MegatronModule):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask.bool(),
                                                  scale=self.softmax_scale, enable_gqa=gqa)
         return out.permute(2, 0, 1, 3).reshape(sq, b, heads * d)
+
+    def _context_parallel(self, query, key, value, attention_mask, attn_mask_type):
+        """This rank's queries against the whole sequence's keys and values (gathered over the CP
+        group, model/context_parallel.py), masked by global positions: causal, and the same
+        document when `attention_mask` holds a packed row's segment ids (whole rows)."""
+        if (attn_mask_type or self.attn_mask_type) != AttnMaskType.causal:
+            raise ValueError("SDPAttention: context parallelism supports causal attention only")
+        if attention_mask is not None and not _is_segments(attention_mask):
+            raise ValueError("SDPAttention: under context parallelism packed documents come as segment ids "
+                             "[b, s] of the whole sequence, not as a dense mask")
+        sq, b, heads, d = query.shape
+        key, value = context_parallel.gather_keys_values(key, value, self.cp_group)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
+        out = attend_as_context_rank(q, k, v, attention_mask, self.cp_group.size(), self.cp_group.rank(),
+                                     self.softmax_scale)
+        return out.permute(2, 0, 1, 3).reshape(sq, b, heads * d)
+
+
+def attend_as_context_rank(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: torch.Tensor | None,
+                           cp: int, rank: int, scale: float) -> torch.Tensor:
+    """Context-parallel rank `rank` of `cp`: its queries [b, heads, S/cp, d] (chunks rank and
+    2cp-1-rank) against the whole sequence's keys and values [b, groups, S, d], causal and, with a
+    packed row's segment ids [b, S], within each document. FlexAttention with a block mask on a GPU,
+    SDPA with a dense mask elsewhere; [b, heads, S/cp, d]."""
+    gqa = k.shape[1] != q.shape[1]
+    s = k.shape[2]
+    if q.is_cuda:
+        mask = _cp_causal_blocks(s, cp, rank, q.device) if segments is None else _cp_blocks(segments, cp, rank)
+        return _flex_attention()(q, k, v, block_mask=mask, scale=scale, enable_gqa=gqa)
+    where = context_parallel.positions(s, cp, rank, q.device)
+    mask = context_parallel.visible(where, s, None) if segments is None else _cp_visible(segments, cp, rank)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def _cp_positions(segments: torch.Tensor, cp: int, rank: int) -> torch.Tensor:
+    return context_parallel.positions(segments.shape[1], cp, rank, segments.device)
+
+
+# per micro-batch under context parallelism: the mask of this rank's queries against the whole row
+_cp_visible_cache: dict = {}
+
+
+def _cp_visible(segments: torch.Tensor, cp: int, rank: int) -> torch.Tensor:
+    if (cp, rank) not in _cp_visible_cache:
+        _cp_visible_cache[cp, rank] = _PerMicroBatch(
+            lambda seg: context_parallel.visible(_cp_positions(seg, cp, rank), seg.shape[1], seg))
+    return _cp_visible_cache[cp, rank](segments)
+
+
+_cp_blocks_cache: dict = {}
+
+
+def _cp_blocks(segments: torch.Tensor, cp: int, rank: int):
+    if (cp, rank) not in _cp_blocks_cache:
+        _cp_blocks_cache[cp, rank] = _PerMicroBatch(
+            lambda seg: document_block_mask(seg, q_positions=_cp_positions(seg, cp, rank)))
+    return _cp_blocks_cache[cp, rank](segments)
+
+
+@functools.lru_cache(maxsize=8)
+def _cp_causal_blocks(seq_len: int, cp: int, rank: int, device: torch.device):
+    one_document = torch.zeros(1, seq_len, dtype=torch.int32, device=device)
+    return document_block_mask(one_document, q_positions=context_parallel.positions(seq_len, cp, rank, device))
 
 
 def _segments_to_dense_mask(module, args, kwargs):

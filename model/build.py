@@ -11,22 +11,23 @@ from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-from model import cpu_support
+from model import context_parallel, cpu_support
 from model.config import IMPLS, ModelConfig, ParallelConfig
 from model.attention import accept_segment_ids
 from model.spec import decoder_specs, have_transformer_engine, mtp_block_spec
 
 
 def resolve_impl(impl: str) -> str:
-    """'auto' | 'te' | 'torch' | 'local' -> the implementation the layer spec uses (model/spec.py):
-    auto is Transformer Engine on a GPU where it imports, the fast PyTorch path otherwise."""
+    """'auto' | 'te' | 'torch' | 'local' -> the implementation the layer spec uses (model/spec.py).
+    auto is the fast PyTorch path, the one this project tests and measures (CPU and GPU), whether or
+    not Transformer Engine imports: no machine here has Transformer Engine, so nothing checks its
+    path (packed documents, context parallelism) the way the `torch` path is checked. `te` has to
+    be asked for."""
     if impl not in ("auto", *IMPLS):
         raise ValueError(f"impl={impl!r}: expected one of auto, {', '.join(IMPLS)}")
     if impl == "te" and not have_transformer_engine():
         raise RuntimeError("impl=te but transformer_engine does not import; use impl=torch or auto")
-    if impl == "auto":
-        return "te" if have_transformer_engine() and torch.cuda.is_available() else "torch"
-    return impl
+    return "torch" if impl == "auto" else impl
 
 
 def transformer_config(m: ModelConfig, p: ParallelConfig, *, dtype: torch.dtype = torch.float32,
@@ -147,6 +148,7 @@ def build_model(m: ModelConfig, p: ParallelConfig | None = None, *, dtype: torch
     from megatron.core import parallel_state
 
     cpu_support.install()
+    context_parallel.install()  # MTP's loss over the whole sequence's tokens under CP
     p = p or ParallelConfig()
     impl = resolve_impl(impl)
     config = transformer_config(m, p, dtype=dtype, impl=impl, initialize=not meta)

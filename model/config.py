@@ -136,6 +136,15 @@ class ParallelConfig:
     def data(self, world_size: int) -> int:
         return world_size // (self.tensor * self.pipeline * self.context)
 
+    def describe(self, world_size: int | None = None) -> str:
+        """'tensor 2, pipeline 8, expert 16, context 2[, data 2]': the sizes that are not 1."""
+        sizes = {"tensor": self.tensor, "pipeline": self.pipeline, "virtual stages": self.virtual_stages,
+                 "expert": self.expert, "expert tensor": self.expert_tensor, "context": self.context}
+        out = [f"{k} {v}" for k, v in sizes.items() if v > 1]
+        if world_size is not None:
+            out.append(f"data {self.data(world_size)}")
+        return ", ".join(out) or "one GPU per replica"
+
     def expert_data(self, world_size: int) -> int:
         """Replicas of each routed expert (Megatron's expert-data-parallel size)."""
         return world_size // (self.expert * self.expert_tensor * self.pipeline)

@@ -67,6 +67,16 @@ def _keep_on_cpu(setup):
     return wrapped
 
 
+def _pos_emb_on_this_cp_rank(pos_emb: torch.Tensor, seq_dim: int, cp_group) -> torch.Tensor:
+    # Megatron's `get_pos_emb_on_this_cp_rank` keeps this context-parallel rank's chunks of the
+    # rotary table (chunks r and 2N-1-r) through an index it builds in pinned memory and moves with
+    # `.cuda()`; pinned memory needs CUDA. The same chunks, indexed on the table's device.
+    from model import context_parallel
+
+    where = context_parallel.positions(pos_emb.shape[seq_dim], cp_group.size(), cp_group.rank(), pos_emb.device)
+    return pos_emb.index_select(seq_dim, where)
+
+
 def install() -> bool:
     """Patch Megatron-Core for CPU execution if CUDA is absent. Idempotent. Returns True if active."""
     global _installed
@@ -110,6 +120,12 @@ def install() -> bool:
     from megatron.core.models.common.language_module.language_module import LanguageModule
 
     LanguageModule.setup_embeddings_and_output_layer = _keep_on_cpu(LanguageModule.setup_embeddings_and_output_layer)
+
+    # Context parallelism: RoPE keeps this rank's chunks of its table (see the function above).
+    from megatron.core.models.common.embeddings import rope_utils, rotary_pos_embedding
+
+    rope_utils.get_pos_emb_on_this_cp_rank = _pos_emb_on_this_cp_rank
+    rotary_pos_embedding.get_pos_emb_on_this_cp_rank = _pos_emb_on_this_cp_rank
 
     _installed = True
     return True

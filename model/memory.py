@@ -22,7 +22,9 @@ kv = groups x head_dim, A the activation bytes (2 in bf16), 4 for fp32:
 
 Everything per token is divided over tensor parallelism (sequence parallelism covers the
 norms and the residual stream; heads, FFN widths and the vocabulary are split), and context
-parallelism divides the tokens. Full recomputation keeps only each layer's input (h*A), and
+parallelism divides the tokens; under it the core attention is a recomputed region of its own
+(no log-sum-exp kept), and the whole sequence's gathered keys and values are a transient of each
+layer's attention (`context_parallel_working_set`). Full recomputation keeps only each layer's input (h*A), and
 recomputes one layer at a time during the backward pass (`recompute_working_set`).
 
 tests/test_plan.py checks these numbers against what `torch.autograd.graph.saved_tensors_hooks`
@@ -67,9 +69,26 @@ def attention_per_token(m: ModelConfig, p: ParallelConfig, a: int, recompute: st
         q_copy = a != F32 or m.num_query_groups // t > 1
         heads += q * F32 * q_copy + m.num_attention_heads * F32 + q * a
         heads += kv * F32 * (a != F32) + m.num_query_groups * F32 + kv * a
-    if recompute != "selective":
+    if not attention_checkpointed(p, recompute):
         heads += m.num_attention_heads * F32
     return (sp + heads) / t
+
+
+def attention_checkpointed(p: ParallelConfig, recompute: str) -> bool:
+    """Whether the core attention is a recomputed region of its own (pretrain/stages.py): with
+    selective recomputation, and under context parallelism unless the whole layer is recomputed."""
+    return recompute == "selective" or (recompute == "none" and p.context > 1)
+
+
+def context_parallel_working_set(m: ModelConfig, p: ParallelConfig, shape: Shape) -> float:
+    """Under context parallelism, what one layer's attention allocates beside what is held, in its
+    forward pass and again when its backward gathers once more (model/context_parallel.py): the
+    whole sequence's keys and values as gathered, in sequence order, and their gradient before the
+    reduce-scatter (or, in a layer rebuilt by full recomputation, the copy its attention keeps)."""
+    if p.context == 1:
+        return 0.0
+    kv = m.num_query_groups * m.head_dim
+    return 3 * 2 * kv * shape.seq_len * shape.micro_batch * shape.act_bytes / p.tensor
 
 
 def rotary_per_micro_batch(m: ModelConfig, shape: Shape, p: ParallelConfig) -> float:

@@ -51,6 +51,17 @@ def read_meta(path: Path) -> dict:
     return json.loads((Path(path) / "meta.json").read_text())
 
 
+def stage_to_resume(run_dir: str | Path) -> str | None:
+    """The stage whose batch a run in `run_dir` trains next, from its latest checkpoint's meta.json
+    (None without a checkpoint, or for an import that names no stage). Plain files only: read before
+    any process group starts, since the stage decides the parallel layout."""
+    path = CheckpointManager(run_dir).latest()
+    if path is None:
+        return None
+    meta = read_meta(path)
+    return meta.get("next_stage") or meta.get("stage") or None
+
+
 def find(path: str | Path) -> Path:
     """A run directory (its latest checkpoint), its checkpoints/ folder, or one checkpoint directory
     -> the checkpoint directory."""

@@ -24,7 +24,8 @@ experiments (configs/experiment/):
 
 main fields (any field of any group can be overridden with Hydra syntax):
   model=glm45|glm45_air|single_gpu|smoke|tiny   model.num_layers=8 ...   (configs/model/)
-  parallel.tensor / .expert / .expert_tensor / .pipeline / .context  (data parallel = the rest)
+  parallel.tensor / .expert / .expert_tensor / .pipeline / .context  (data parallel = the rest;
+                context: each sequence split over that many ranks, on the torch path too)
   parallel.virtual_stages (interleaved schedule)  parallel.first_stage_layers / .last_stage_layers
                 (uneven pipeline split; unset = chosen so the output/MTP stage is not the slowest)
   optim=muon|adamw  optim.lr=2.5e-4  optim.weight_decay=0.1  optim.clip_grad=1.0
@@ -34,6 +35,8 @@ main fields (any field of any group can be overridden with Hydra syntax):
   train.async_save=auto|true|false (write checkpoints while training goes on; auto = on GPUs)
   stages.<name>.tokens / .data / .seq_length / .packing / .rope_theta / .expert_bias_update_rate
                 / .mtp_loss_weight / .recompute
+  stages.<name>.parallel.<field>  the stage's own layout (e.g. .context=8 for 128K): at the switch the
+                run saves and exits 75; the same command again continues under it
   data.num_workers  data.on_error=fail|skip  data.max_skip_fraction  data.holdout_shards
                 (loader settings, every stage)
   run.dir=outputs/runs/NAME  run.exit_after_minutes=0
@@ -41,8 +44,9 @@ main fields (any field of any group can be overridden with Hydra syntax):
 --print-config: print the resolved config (checked against WORLD_SIZE when set) and exit; nothing
     is started or opened (the Slurm launchers' DRY_RUN=1 uses it).
 
-exit codes: 0 finished; 75 stopped early on SIGTERM / SIGUSR1 / run.exit_after_minutes with a
-checkpoint saved (start it again to resume); 1 an error; 2 a bad config.
+exit codes: 0 finished; 75 stopped early on SIGTERM / SIGUSR1 / run.exit_after_minutes, or at a
+stage with another parallel layout, with a checkpoint saved (start it again to resume); 1 an error;
+2 a bad config.
 """
 
 

@@ -6,6 +6,7 @@ type fails with the group's file named; then cross-field checks (parallel layout
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -37,6 +38,11 @@ class StageConfig:
     expert_bias_update_rate: Optional[float] = None  # loss-free balance step (0 stops it)
     mtp_loss_weight: Optional[float] = None
     recompute: Optional[str] = None  # none | selective | full
+    # Parallel layout fields (model/config.py ParallelConfig) that change from this stage on, e.g.
+    # {context: 2} for a long-context stage; unset fields keep the previous stage's layout, the
+    # first stage's is the top-level `parallel`. A switch to another layout saves and exits 75; the
+    # restart takes the new layout (pretrain/train.py).
+    parallel: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -83,12 +89,17 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     stages: dict = field(default_factory=dict)  # name -> StageConfig, in training order
     stage_data: dict = field(default_factory=dict)  # name -> the stage's DataConfig
+    stage_parallel: dict = field(default_factory=dict)  # name -> the stage's ParallelConfig
     experiment: str = ""
     sources: dict = field(default_factory=dict)  # group -> file it came from, for error messages
 
     def validate(self, world_size: int | None = None) -> "Config":
         self.model.validate(self.sources.get("model", "model"))
         self.parallel.validate(self.model, world_size, self.sources.get("parallel", "parallel"))
+        where = self.sources.get("experiment", "experiment")
+        for name, layout in self.stage_parallel.items():
+            if layout != self.parallel:
+                layout.validate(self.model, world_size, f"{where}: stages.{name} (its layout)")
         try:
             self.data.validate(self.sources.get("data", "data"))
         except DataConfigError as e:
@@ -133,7 +144,19 @@ class Config:
                 self.stage_data[name].validate(f"{where}: stages.{name} (data={st.data})")
             except DataConfigError as e:
                 raise ConfigError(str(e)) from None
+            cp = self.stage_parallel.get(name, self.parallel).context
+            seq = self.stage_data[name].seq_length
+            if cp > 1 and seq % (2 * cp):
+                raise ConfigError(f"{where}: stages.{name}: seq_length={seq} (data={st.data}) is not divisible by "
+                                  f"2 x parallel.context={cp}: each context-parallel rank holds two equal chunks of "
+                                  "every sequence")
         return self
+
+    def layout_of(self, stage: str | None) -> ParallelConfig:
+        """The parallel layout stage `stage` runs under (the first stage's for None)."""
+        if stage is None or stage not in self.stage_parallel:
+            return self.stage_parallel.get(next(iter(self.stages), ""), self.parallel)
+        return self.stage_parallel[stage]
 
 
 def to_schema(schema: type, raw: DictConfig | dict, source: str, group: str):
@@ -186,12 +209,18 @@ def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None,
         setattr(out, group, to_schema(schema, cfg.get(group, {}), source, group))
     out.train = to_schema(TrainConfig, cfg.get("train", {}), where, "train")
     out.run = to_schema(RunConfig, cfg.get("run", {}), where, "run")
+    layout = out.parallel
     for name, raw in (cfg.get("stages") or {}).items():
         out.stages[name] = stage = to_schema(StageConfig, raw, where, f"stages.{name}")
         out.stage_data[name] = stage_data(stage, out.data, config_dir, where, name)
+        if stage.parallel:  # this stage's changes to the previous stage's layout
+            layout = to_schema(ParallelConfig, {**dataclasses.asdict(layout), **stage.parallel}, where,
+                               f"stages.{name}.parallel")
+        out.stage_parallel[name] = layout
     if not out.stages:  # no recipe: one stage on the `data` group, as long as max_steps allows
         out.stages["main"] = StageConfig(tokens=float("inf"), data=choices.get("data") or "")
         out.stage_data["main"] = out.data
+        out.stage_parallel["main"] = out.parallel
     return out.validate()
 
 

@@ -15,7 +15,8 @@ import torch.distributed as dist
 
 EXIT_DONE = 0  # the run reached its end
 EXIT_FAILED = 1  # an error (a Python exception)
-EXIT_RESUME = 75  # stopped early with a checkpoint saved: start it again to resume (EX_TEMPFAIL)
+EXIT_RESUME = 75  # stopped early with a checkpoint saved: start it again to resume (EX_TEMPFAIL); also
+# at a stage with another parallel layout, which the restart takes (pretrain/train.py)
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 

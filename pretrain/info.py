@@ -82,6 +82,18 @@ def placement(m, p, model) -> list[str]:
     return lines
 
 
+def stage_layouts(cfg) -> list[str]:
+    """The parallel layout of each stage, where the stages do not all share one (stages.<name>.parallel)."""
+    if len({str(p) for p in cfg.stage_parallel.values()}) < 2:
+        return []
+    lines = ["", "layout per stage (stages.<name>.parallel; a switch saves, exits 75 and restarts under the next):"]
+    for name, p in cfg.stage_parallel.items():
+        seq = cfg.stage_data[name].seq_length
+        per_rank = f", {seq // p.context} tokens per context-parallel rank" if p.context > 1 else ""
+        lines.append(f"  {name:24s} seq {seq:>6d}: {p.describe()}{per_rank}")
+    return lines
+
+
 def report(cfg, seq_len: int, optimizer: bool = False) -> str:
     """Build cfg.model on the meta device and return the printed report."""
     from model.accounting import count_parameters, train_flops_per_token
@@ -119,6 +131,7 @@ def report(cfg, seq_len: int, optimizer: bool = False) -> str:
               f"training FLOPs per token at seq {seq_len}: {train_flops_per_token(m, seq_len) / 1e9:.1f} GFLOP"]
     if p.pipeline > 1 or p.tensor > 1 or p.expert > 1:
         lines += ["", *placement(m, p, model)]
+    lines += stage_layouts(cfg)
     if optimizer:
         lines += ["", f"optimizer {cfg.optim.name}: what each parameter gets", optimizer_table]
     return "\n".join(lines)

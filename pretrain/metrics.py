@@ -61,7 +61,7 @@ def params_norm(chunks) -> float:
     from megatron.core import parallel_state as ps
 
     tp_rank = ps.get_tensor_model_parallel_rank()
-    dp_rank = ps.get_data_parallel_rank()
+    dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)  # context-parallel peers hold copies
     edp_rank = ps.get_expert_data_parallel_rank()
     mine = []
     for chunk in chunks:

@@ -11,7 +11,8 @@ layout and the GPUs, it reports for each pipeline stage, per GPU:
     rebuilds during the backward pass and the output logits' gradient;
   - whether it fits in the GPU memory less a reserve (CUDA context, NCCL buffers, allocator
     fragmentation: not modelled) and, for a phase that does not fit, the recomputation or the
-    context parallelism (Transformer Engine only) it would need.
+    context parallelism it would need.
+Each phase is planned under its stages' own layout (stages.<name>.parallel).
 Then FLOPs per token (model/accounting.py) and time per trillion tokens at a given MFU, and an
 estimate of a step: compute (slowest stage), pipeline bubble, and the TP, EP (all-to-all), DP
 and PP traffic over NVLink inside a node and InfiniBand between nodes, none of it overlapped.
@@ -82,11 +83,13 @@ class Hardware:
 
 @dataclass
 class Phase:
-    """Consecutive stages that train at one sequence length with one recomputation setting."""
+    """Consecutive stages that train at one sequence length with one recomputation setting and one
+    parallel layout."""
     names: list[str]
     seq_len: int
     recompute: str | None  # None: not configured, the least that fits is reported
     tokens: float = 0.0
+    parallel: ParallelConfig | None = None  # None: the layout given to the report
 
 
 @dataclass
@@ -232,7 +235,8 @@ class Planner:
         microbatches = self.microbatches(p, world, seq_len)
         logits_grad = memory.output_backward_bytes(self.m, p, shape) if output else 0.0
         rebuild = memory.recompute_working_set(self.m, p, shape, stage.layers, output)
-        transient = {rc: logits_grad + (rebuild if rc == "full" else 0.0) for rc in memory.RECOMPUTE}
+        gathered = memory.context_parallel_working_set(self.m, p, shape)
+        transient = {rc: logits_grad + gathered + (rebuild if rc == "full" else 0.0) for rc in memory.RECOMPUTE}
         return Activations({rc: sum(c) for rc, c in chunks.items()},
                            {rc: memory.held(p, stage.rank, microbatches, c) for rc, c in chunks.items()},
                            transient)
@@ -249,10 +253,10 @@ class Planner:
         return None
 
     def context_needed(self, p: ParallelConfig, world: int, seq_len: int, hw: Hardware) -> int | None:
-        """The smallest context parallelism (full recomputation) that fits, or None up to 32."""
-        for cp in (2, 4, 8, 16, 32):
+        """The smallest larger context parallelism (full recomputation) that fits, or None up to 32."""
+        for cp in (c for c in (2, 4, 8, 16, 32) if c > p.context):
             q = dataclasses.replace(p, context=cp)
-            if world % (q.tensor * q.pipeline * cp) or q.data(world) < 1:
+            if world % (q.tensor * q.pipeline * cp) or q.data(world) < 1 or seq_len % (2 * cp):
                 return None
             states = self.stages(q, world)
             if self.least_fitting(states, self.phase(q, world, states, seq_len), hw):
@@ -309,6 +313,12 @@ class Planner:
         # each micro-batch crosses every stage boundary forwards and backwards (per model chunk)
         out["PP"] = (2 * tokens / t * m.hidden_size * a * mb * p.virtual_stages
                      / bw(2, stage_gpus)) if p.pipeline > 1 else 0.0
+        # context parallelism: each attention all-gathers the sequence's keys and values, again
+        # in its backward pass (recomputed), and reduce-scatters their gradient
+        kv = m.num_query_groups * m.head_dim
+        cp_bytes = 3 * (p.context - 1) / p.context * 2 * kv * seq_len * self.micro_batch / t * a \
+            * (layers + m.mtp_num_layers) * mb
+        out["CP"] = cp_bytes / bw(p.context, t) if p.context > 1 else 0.0
         out["total"] = sum(out.values())
         out["mfu"] = flops / (hw.peak * out["total"])
         return out
@@ -324,8 +334,8 @@ def _zero_groups(p: ParallelConfig, world: int) -> tuple[int, int]:
 
 
 def phases_of(cfg, seq_lens: list[int] | None) -> list[Phase]:
-    """The experiment's stages, merged where sequence length and recomputation agree; or the
-    given sequence lengths."""
+    """The experiment's stages, merged where sequence length, recomputation and layout agree; or
+    the given sequence lengths (under the top-level layout)."""
     from pretrain import stages as stages_mod
 
     if seq_lens or not cfg.stages:
@@ -335,11 +345,12 @@ def phases_of(cfg, seq_lens: list[int] | None) -> list[Phase]:
     for s in st.list:
         seq = cfg.stage_data[s.name].seq_length
         rc = stages_mod.settings(st, s, cfg.model)["recompute"]
-        if out and (out[-1].seq_len, out[-1].recompute) == (seq, rc):
+        layout = cfg.layout_of(s.name)
+        if out and (out[-1].seq_len, out[-1].recompute, out[-1].parallel) == (seq, rc, layout):
             out[-1].names.append(s.name)
             out[-1].tokens += s.cfg.tokens
         else:
-            out.append(Phase([s.name], seq, rc, s.cfg.tokens))
+            out.append(Phase([s.name], seq, rc, s.cfg.tokens, layout))
     return out
 
 
@@ -391,29 +402,41 @@ def report(planner: Planner, p: ParallelConfig, hw: Hardware, phases: list[Phase
     from pretrain.info import human, placement
 
     m, world = planner.m, hw.gpus
-    states = planner.stages(p, world)
     counts = count_parameters(planner.model, m)
-    edp = p.expert_data(world)
     dtype = str(planner.dtype).replace("torch.", "")
     lines = [f"model {m.name}: {human(counts.default_total)} total, {human(counts.default_active)} active; "
              f"{world} x {hw.name} {hw.memory_gib:g} GiB ({hw.per_node} per node), {_g(hw.usable)} GiB usable "
-             f"({hw.reserve_gib:g} GiB reserved)",
-             f"layout {layout_name(p, world)} (expert data {edp}); {dtype} weights, fp32 gradients, "
-             f"optimizer state ZeRO-1 over data parallelism", ""]
-    lines += [*placement(m, p, planner.model), ""] if p.pipeline > 1 else []
-    lines += ["per GPU (GiB)    params   weights  grads  optimizer (muon + adam)  static   optimizer step"]
-    for s in states:
-        lines.append(f"  stage {s.rank:<3d} {human(s.params):>10s} {_g(s.weights):>8s} {_g(s.grads):>6s} "
-                     f"{_g(sum(s.optimizer.values())):>9s} ({_g(s.optimizer['muon'])} + {_g(s.optimizer['adam'])})"
-                     f"{_g(s.static):>12s}   + {_g(s.workspace)} = {_g(s.static + s.workspace)}")
+             f"({hw.reserve_gib:g} GiB reserved)"]
+    layouts = list({repr(ph.parallel or p): ph.parallel or p for ph in phases}.values())  # in phase order, once
+    states_of, shown = {}, {}
+    for q in layouts:
+        states_of[repr(q)] = states = planner.stages(q, world)
+        used_by = [n for ph in phases if (ph.parallel or p) == q for n in ph.names]
+        lines += ["", f"layout {layout_name(q, world)} (expert data {q.expert_data(world)})"
+                  + (f", stages {', '.join(used_by)}" if len(layouts) > 1 else "")
+                  + f"; {dtype} weights, fp32 gradients, optimizer state ZeRO-1 over data (x context) parallelism"]
+        table = [*placement(m, q, planner.model), ""] if q.pipeline > 1 else []
+        table += ["per GPU (GiB)    params   weights  grads  optimizer (muon + adam)  static   optimizer step"]
+        for s in states:
+            table.append(f"  stage {s.rank:<3d} {human(s.params):>10s} {_g(s.weights):>8s} {_g(s.grads):>6s} "
+                         f"{_g(sum(s.optimizer.values())):>9s} ({_g(s.optimizer['muon'])} + "
+                         f"{_g(s.optimizer['adam'])}){_g(s.static):>12s}   + {_g(s.workspace)} = "
+                         f"{_g(s.static + s.workspace)}")
+        same = shown.get("\n".join(table))
+        lines += [f"  placement and state per GPU as under {same}"] if same else ["", *table]
+        shown.setdefault("\n".join(table), layout_name(q, world))
     for ph in phases:
-        mb = planner.microbatches(p, world, ph.seq_len)
-        acts = planner.phase(p, world, states, ph.seq_len)
+        q = ph.parallel or p
+        states = states_of[repr(q)]
+        mb = planner.microbatches(q, world, ph.seq_len)
+        acts = planner.phase(q, world, states, ph.seq_len)
         fit = planner.least_fitting(states, acts, hw)
         rc = ph.recompute or fit or "full"
-        lines += ["", f"phase {', '.join(ph.names)}: seq {ph.seq_len}, micro-batch {planner.micro_batch}, "
-                      f"{mb} micro-batches per step, bubble {memory.bubble(p, mb):.1%}, recompute {rc}"
-                      + ("" if ph.recompute else " (least that fits)"),
+        cp = f", {ph.seq_len // q.context} tokens per context-parallel rank" if q.context > 1 else ""
+        lines += ["", f"phase {', '.join(ph.names)}: seq {ph.seq_len}{cp}, micro-batch {planner.micro_batch}, "
+                      f"{mb} micro-batches per step, bubble {memory.bubble(q, mb):.1%}, recompute {rc}"
+                      + ("" if ph.recompute else " (least that fits)")
+                      + (f", layout {layout_name(q, world)}" if len(layouts) > 1 else ""),
                   "  activations (GiB)  per micro-batch: none / selective / full   in flight  "
                   "held + transient   total   of usable"]
         for s, act in zip(states, acts):
@@ -423,22 +446,23 @@ def report(planner: Planner, p: ParallelConfig, hw: Hardware, phases: list[Phase
                          f"{_g(pm['full']):>6s} {act.in_flight(rc):>9.1f} {_g(act.held[rc]):>11s} + "
                          f"{_g(act.transient[rc]):<6s}{_g(total):>8s}   {total / hw.usable:5.0%}"
                          + ("" if total <= hw.usable else "  DOES NOT FIT"))
+        stage = ph.names[0] if ph.parallel is not None else "<name>"
         if fit is None:
-            cp = planner.context_needed(p, world, ph.seq_len, hw)
+            more = planner.context_needed(q, world, ph.seq_len, hw)
             lines.append("  does not fit with any recomputation: " + (
-                f"parallel.context={cp} with full recomputation fits (context parallelism needs Transformer Engine)"
-                if cp else "no context parallelism fits this layout either; more tensor or pipeline parallelism, "
-                "or more GPUs, would (glm-plan --search)"))
+                f"stages.{stage}.parallel.context={more} with full recomputation fits" if more else
+                "no context parallelism fits this layout either; more tensor or pipeline parallelism, or more GPUs, "
+                "would (glm-plan --search)"))
         elif ph.recompute and memory.RECOMPUTE.index(fit) > memory.RECOMPUTE.index(ph.recompute):
-            lines.append(f"  recompute {ph.recompute} does not fit; {fit} does (stages.<name>.recompute={fit})")
+            lines.append(f"  recompute {ph.recompute} does not fit; {fit} does (stages.{stage}.recompute={fit})")
         flops = train_flops_per_token(m, ph.seq_len)
-        est = planner.step_estimate(p, world, ph.seq_len, rc, hw, states)
+        est = planner.step_estimate(q, world, ph.seq_len, rc, hw, states)
         ideal = 1e12 * flops / (world * hw.peak * hw.mfu)
         lines.append(f"  {flops / 1e9:.1f} GFLOP per token; 1T tokens in {_duration(ideal)} at {hw.mfu:.0%} MFU"
                      f" on {world} GPU{'s' if world > 1 else ''}")
         per_token = est["total"] / planner.global_batch_tokens
         lines.append("  step estimate: " + ", ".join(f"{k} {v:.3g} s" for k, v in est.items()
-                                                   if k not in ("total", "mfu"))
+                                                   if k not in ("total", "mfu") and (k != "CP" or v))
                      + f" = {est['total']:.4g} s ({est['mfu']:.0%} MFU): 1T tokens in {_duration(per_token * 1e12)}"
                      + (f", this phase ({_count(ph.tokens)} tokens) {_duration(per_token * ph.tokens)}"
                         if ph.tokens else ""))

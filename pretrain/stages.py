@@ -88,9 +88,13 @@ def apply(values: dict, model) -> None:
     config.recompute_method = "uniform" if recompute == "full" else None
     config.recompute_num_layers = 1 if recompute == "full" else None
     config.recompute_modules = ["core_attn"]
+    # Under context parallelism the core attention holds the whole sequence's gathered keys and
+    # values: it runs inside a recomputed region always (checkpointed itself unless the whole layer
+    # is), so they are gathered again in the backward pass instead of kept for every layer.
+    attention = recompute == "selective" or (recompute == "none" and config.context_parallel_size > 1)
     for module in model.modules():
         if hasattr(module, "checkpoint_core_attention"):
-            module.checkpoint_core_attention = recompute == "selective"
+            module.checkpoint_core_attention = attention
 
 
 def live_values(model) -> dict:

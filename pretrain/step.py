@@ -18,9 +18,20 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def forward_step(data_iterator, model):
-    """Megatron's forward-step contract: (per-token losses, loss function of them)."""
+    """Megatron's forward-step contract: (per-token losses, loss function of them).
+
+    Under context parallelism (model/context_parallel.py) every rank of the CP group reads the same
+    micro-batch and keeps its two chunks of each sequence; the loss is this rank's sum over the
+    count of the whole sequence's tokens (summed over the CP group), which the schedule's factor of
+    N and DDP's average over data x context ranks turn into the mean over all of them."""
+    from megatron.core import parallel_state as ps
+
+    from model import context_parallel
+
     device = next(model.parameters()).device
-    batch = to_device(next(data_iterator), device)
+    cp = ps.get_context_parallel_world_size()
+    batch = to_device(context_parallel.split_batch(next(data_iterator), cp, ps.get_context_parallel_rank()),
+                      device)
     mask = batch["loss_mask"]
     losses = model(batch["tokens"], batch["position_ids"], attention_mask(batch), labels=batch["labels"],
                    loss_mask=mask)
@@ -28,9 +39,16 @@ def forward_step(data_iterator, model):
     def loss_func(output: torch.Tensor):
         # mean over this micro-batch's tokens that carry a loss; the schedule divides by the number
         # of micro-batches and DDP averages over data-parallel ranks
-        loss = (output.float() * mask).sum() / mask.sum().clamp(min=1)
-        # a copy: the schedule divides the returned loss in place by the number of micro-batches
-        return loss, {"lm loss": loss.detach().clone()}
+        total = (output.float() * mask).sum()
+        if cp == 1:
+            loss = total / mask.sum().clamp(min=1)
+            # a copy: the schedule divides the returned loss in place by the number of micro-batches
+            return loss, {"lm loss": loss.detach().clone()}
+        # one all-reduce over the CP group: the sequence's loss sum (to report) and token count
+        whole = torch.stack([total.detach(), mask.sum().float()])
+        torch.distributed.all_reduce(whole, group=ps.get_context_parallel_group())
+        count = whole[1].clamp(min=1)
+        return total / count, {"lm loss": whole[0] / count}
 
     return losses, loss_func
 

@@ -128,8 +128,11 @@ class Trainer:
 
         self.cfg, self.run_dir = cfg, run_dir
         self.rank = dist.get_rank()
-        self.dp = ps.get_data_parallel_world_size(with_context_parallel=True)
-        self.dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
+        # data-parallel replicas: each reads its own batches; the ranks of a context-parallel group
+        # read the same ones and split every sequence (pretrain/step.py)
+        self.dp = ps.get_data_parallel_world_size()
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.cp = ps.get_context_parallel_world_size()
         self.dtype = model_dtype(cfg.train.dtype)
         # this rank's model chunks: one, or one per virtual pipeline stage (interleaved schedule)
         self.chunks = build_chunks(cfg.model, cfg.parallel, dtype=self.dtype, impl=cfg.train.impl)
@@ -280,10 +283,28 @@ class Trainer:
         switched = self.stage_name and self.stage_name != stage.name
         self.stage_name = stage.name
         self.seq_length = data.seq_length
+        per_rank = (f" ({data.seq_length // self.cp} tokens of each sequence per context-parallel rank)"
+                    if self.cp > 1 else "")
         msg = (f"stage {stage.index} '{stage.name}' from {stage.start_tokens:,.0f} tokens: data={stage.cfg.data} "
-               f"seq_length={data.seq_length} packing={data.packing} " + " ".join(f"{k}={v}" for k, v in values.items()))
+               f"seq_length={data.seq_length}{per_rank} packing={data.packing} "
+               + " ".join(f"{k}={v}" for k, v in values.items()))
         log.info(("switched to " if switched else "") + msg)
         self.metrics.text("stage", msg, self.step)
+
+    def stop_for_layout(self, stage: stages_mod.Stage) -> int:
+        """Stage `stage` runs under another parallel layout: save at its boundary and exit for a
+        restart, which reads the stage from the checkpoint and starts its layout's process groups."""
+        world = dist.get_world_size()
+        new, old = self.cfg.layout_of(stage.name), self.cfg.parallel
+        log.warning(f"stage {stage.index} '{stage.name}' runs under another layout ({new.describe(world)}) "
+                    f"than this one ({old.describe(world)}): saving step {self.step}; start the same command "
+                    f"again (the Slurm launcher requeues itself) to continue under the new layout")
+        self.metrics.text("stage", f"stopped at step {self.step}: stage '{stage.name}' runs under "
+                          f"{new.describe(world)}", self.step)
+        if self.saved_step != self.step:
+            self.save()
+        self.finish_saving(wait=True)
+        return EXIT_RESUME
 
     def data_skips(self) -> dict:
         """Bad data skipped so far (data.on_error=skip), over every data-parallel rank; a warning
@@ -294,7 +315,7 @@ class Trainer:
         counts = torch.tensor([st["skipped_shards"], st["skipped_samples"], st["skipped_tokens"]],
                               dtype=torch.float64, device=self.device)
         if self.dp > 1:
-            dist.all_reduce(counts, group=ps.get_data_parallel_group(with_context_parallel=True))
+            dist.all_reduce(counts, group=ps.get_data_parallel_group())
         shards, samples, tokens = (int(x) for x in counts.tolist())
         if shards > self._skips_seen:
             log.warning(f"data: {shards} bad shard(s) skipped so far, {samples:,} samples, {tokens:,} tokens "
@@ -363,6 +384,8 @@ class Trainer:
                     log.info(f"done: step {self.step}, {self.tokens:,} tokens")
                     return EXIT_DONE
                 if self.loader is None or stage.name != self.stage_name:
+                    if self.loader is not None and cfg.layout_of(stage.name) != cfg.parallel:
+                        return self.stop_for_layout(stage)
                     self.enter(stage)
                 seqs = schedules.batch_sequences(self.tokens, t.batch_start_tokens, t.global_batch_tokens,
                                                  t.batch_ramp_tokens, self.seq_length, granule)
@@ -429,50 +452,70 @@ def _all_gather_dp(obj) -> list:
     """`obj` of every data-parallel rank, in data-parallel rank order."""
     from megatron.core import parallel_state as ps
 
-    group = ps.get_data_parallel_group(with_context_parallel=True)
+    group = ps.get_data_parallel_group()
     out = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)
     return out
 
 
+def check_impl_for_stages(cfg: Config, impl: str) -> None:
+    """What a layer implementation cannot do in some stage, refused naming the stage and field:
+    Megatron's unfused attention (`local`) has no context parallelism; Transformer Engine (`te`) would
+    receive packed documents as a dense mask under its causal mask type, which it may ignore (the
+    documents would see each other, silently): this project hands packed rows to TE as segment ids
+    only, and cannot check TE's THD path on any machine here."""
+    from model.config import ConfigError
+
+    where = cfg.sources.get("experiment", "experiment")
+    for name in cfg.stages:
+        layout, data = cfg.layout_of(name), cfg.stage_data[name]
+        if impl == "local" and layout.context > 1:
+            raise ConfigError(f"{where}: stages.{name}: parallel.context={layout.context} with train.impl=local: "
+                              "Megatron-Core's unfused attention has no context parallelism; use train.impl=torch "
+                              "(or auto)")
+        if impl == "te" and data.packing == "best_fit":
+            raise ConfigError(f"{where}: stages.{name}.packing=best_fit with train.impl=te: Transformer Engine's "
+                              "attention would not keep packed documents apart (it takes them as THD with "
+                              "cu_seqlens, which this project does not build); use train.impl=torch (or auto) for "
+                              "this stage's run")
+
+
 def preflight(cfg: Config) -> None:
-    """What can be checked before any process group starts: the layout against the launch's world
-    size; enough micro-batches for the interleaved schedule; context parallelism needs Transformer
-    Engine's attention; every stage's sources open (manifests only): missing data, mixed
-    tokenizers, or a tokenizer with more ids than the model's vocabulary fail here, named."""
+    """What can be checked before any process group starts: every stage's layout against the launch's
+    world size; enough micro-batches for the interleaved schedule; what the layer implementation
+    cannot do in a stage (check_impl_for_stages); every stage's sources open (manifests only):
+    missing data, mixed tokenizers, or a tokenizer with more ids than the model's vocabulary fail
+    here, named."""
     import os
 
     from data import format as fmt
     from data.loader import open_sources
     from model.config import ConfigError
     from model.build import resolve_impl
-    from model.spec import have_transformer_engine
     from pretrain.parallel import slurm_environment
 
     world = int(os.environ.get("WORLD_SIZE") or slurm_environment().get("WORLD_SIZE") or 1)
     cfg.validate(world_size=world)
-    p, t = cfg.parallel, cfg.train
-    if p.virtual_stages > 1:
+    t = cfg.train
+    for name in cfg.stages:
+        p, seq = cfg.layout_of(name), cfg.stage_data[name].seq_length
+        if p.virtual_stages == 1:
+            continue
         # the interleaved schedule runs micro-batches in groups of `pipeline`: it needs that many
-        seq = max(d.seq_length for d in cfg.stage_data.values())
         granule = t.micro_batch_size * p.data(world)
         fewest = schedules.batch_sequences(0, t.batch_start_tokens, t.global_batch_tokens, t.batch_ramp_tokens,
                                            seq, granule) // granule
         if fewest < p.pipeline:
             raise ConfigError(
                 f"{cfg.sources.get('experiment', 'experiment')}: train.batch_start_tokens={t.batch_start_tokens} "
-                f"gives {fewest} micro-batch(es) per data-parallel replica at sequence length {seq}; the "
-                f"interleaved schedule (parallel.virtual_stages={p.virtual_stages}) needs at least "
-                f"parallel.pipeline={p.pipeline}")
+                f"gives {fewest} micro-batch(es) per data-parallel replica at sequence length {seq} "
+                f"(stages.{name}); the interleaved schedule (parallel.virtual_stages={p.virtual_stages}) needs at "
+                f"least parallel.pipeline={p.pipeline}")
     try:
-        resolve_impl(t.impl)
+        impl = resolve_impl(t.impl)
     except RuntimeError as e:  # impl=te without Transformer Engine
         raise ConfigError(f"{cfg.sources.get('experiment', 'train')}: train.{e}") from None
-    if cfg.parallel.context > 1 and (not have_transformer_engine() or t.impl in ("torch", "local")):
-        raise ConfigError(f"{cfg.sources.get('parallel', 'parallel')}: parallel.context={cfg.parallel.context} "
-                          f"needs Transformer Engine's attention (train.impl=auto or te, with TE installed; "
-                          f"here train.impl={t.impl}, TE {'present' if have_transformer_engine() else 'absent'}): "
-                          "use parallel.context=1")
+    check_impl_for_stages(cfg, impl)
 
     for name, data in cfg.stage_data.items():
         try:
@@ -485,18 +528,30 @@ def train(cfg: Config) -> int:
     """Run (or resume) the training in cfg.run.dir; returns the exit code (pretrain/faults.py)."""
     from pretrain.parallel import init_distributed, shutdown_distributed
 
+    from pretrain.checkpoint import stage_to_resume
+
     run_dir = Path(cfg.run.dir)
+    stage = stage_to_resume(run_dir)  # the layout is the stage's: decided before any process group starts
+    cfg.parallel = cfg.layout_of(stage)
     init_distributed(cfg.parallel, seed=cfg.train.seed)
     try:
         trainer = Trainer(cfg, run_dir)
         if trainer.rank == 0:
-            log.info(f"{cfg.experiment or 'run'} in {run_dir}: {dist.get_world_size()} process(es), "
-                     f"dp={trainer.dp}, {trainer.stages.total_tokens:,.0f} tokens in {len(trainer.stages.list)} "
+            log.info(f"{cfg.experiment or 'run'} in {run_dir}: {dist.get_world_size()} process(es), layout "
+                     f"{cfg.parallel.describe(dist.get_world_size())}"
+                     + (f" (stage '{stage or next(iter(cfg.stages))}')" if len(set(map(str, cfg.stage_parallel.values()))) > 1
+                        else "")
+                     + f", {trainer.stages.total_tokens:,.0f} tokens in {len(trainer.stages.list)} "
                      f"stage(s), dtype {str(trainer.dtype).replace('torch.', '')}, peak {trainer.peak / 1e12:.2f} "
                      f"TFLOP/s ({trainer.peak_source})")
         if not trainer.resume() and trainer.rank == 0:
             log.info("starting from scratch (no checkpoint in this run directory)")
-        return trainer.run()
+        code = trainer.run()
+        # every rank has closed its files before any exits: a launcher that ends the others when
+        # the first one exits (torchrun, srun --kill-on-bad-exit) cuts nothing short
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        return code
     finally:
         shutdown_distributed()
 

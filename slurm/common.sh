@@ -8,13 +8,15 @@
 #   CONTAINER_IMAGE  pyxis/enroot image: srun runs inside it (the job's plain environment when unset)
 #   CONTAINER_MOUNTS pyxis --container-mounts, e.g. /lustre:/lustre (default: the repository and RUN_DIR)
 #   PYTHON           interpreter inside the job (default python3)
-#   MAX_FAILURES     requeues after a failed run before giving up (default 2); a preemption or time
-#                    limit (exit 75 after a checkpoint) always requeues
+#   MAX_FAILURES     requeues after a failed run before giving up (default 2); a preemption, a time
+#                    limit or a stage with its own layout (exit 75 after a checkpoint) always requeues
 #   WAIT_S           seconds the other ranks get after the first one exits (default 120)
 #   DRY_RUN=1        print the srun command line, the environment and the resolved config, launch nothing
 #
 # The run itself: glm-pretrain saves and exits 75 on SIGUSR1/SIGTERM (the header's --signal asks
-# Slurm for USR1 before the time limit), and resumes from RUN_DIR's `latest` when started again.
+# Slurm for USR1 before the time limit) and where a stage switches to another parallel layout
+# (stages.<name>.parallel), and resumes from RUN_DIR's `latest` when started again, under the layout
+# of the stage it is in.
 
 GLM_REPO=${GLM_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 EXIT_RESUME=75

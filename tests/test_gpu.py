@@ -168,3 +168,35 @@ def test_32k_tokens_through_an_air_width_two_layer_stack_fit_one_h100(world1, pa
     print(f"32K tokens, Air widths, 2 layers, packed={packed}: peak {peak:.1f} GiB")
     assert torch.isfinite(loss).all() and all(torch.isfinite(g).all() for g in grads.values())
     assert peak < 78, f"peak {peak:.1f} GiB does not fit an H100 80GB"
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["causal", "packed"])
+def test_context_parallel_attention_compiled_equals_the_whole_sequences(packed):
+    """Context parallelism's attention as each of 4 ranks computes it (simulated in one process: its
+    queries, the whole sequence's keys and values), through FlexAttention compiled with the block
+    mask of S/N queries against S keys: each rank's rows of the whole attention, and key / value
+    gradients that sum over the ranks to the whole's (what the reduce-scatter does)."""
+    from model import context_parallel
+    from model.attention import attend_as_context_rank
+
+    seq, cp, g = 2048, 4, torch.Generator().manual_seed(0)
+    q = torch.randn(1, 8, seq, 64, generator=g).cuda()
+    k, v = (torch.randn(1, 2, seq, 64, generator=g).cuda() for _ in range(2))
+    grad = torch.randn(1, 8, seq, 64, generator=g).cuda()
+    seg = (segments_of([300, 700, 129, 900, 19], seq)[None].cuda().int() if packed else None)
+    whole = [t.clone().requires_grad_() for t in (q, k, v)]
+    allowed = context_parallel.visible(torch.arange(seq).cuda(), seq, seg)  # dense, the reference
+    out = torch.nn.functional.scaled_dot_product_attention(*whole, attn_mask=allowed, scale=0.125, enable_gqa=True)
+    out.backward(grad)
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    for rank in range(cp):
+        where = context_parallel.positions(seq, cp, rank).cuda()
+        mine = [q[:, :, where].clone().requires_grad_(), k.clone().requires_grad_(), v.clone().requires_grad_()]
+        part = attend_as_context_rank(*mine, seg, cp, rank, 0.125)
+        part.backward(grad[:, :, where])
+        torch.testing.assert_close(part, out[:, :, where], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(mine[0].grad, whole[0].grad[:, :, where], rtol=1e-4, atol=1e-5)
+        dk += mine[1].grad
+        dv += mine[2].grad
+    torch.testing.assert_close(dk, whole[1].grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dv, whole[2].grad, rtol=1e-4, atol=1e-4)

@@ -68,6 +68,12 @@ def _measure(model_cfg, parallel, dtype, seq, micro, recomputes, seed=0) -> dict
            "optimizer": sum(t.nbytes for s in opt.state.values() for t in s.values()),
            "step workspace": opt.workspace_bytes()}
     ids = torch.randint(0, model_cfg.vocab_size, (micro, seq))
+    if parallel.context > 1:  # this rank's chunks of each sequence (model/context_parallel.py)
+        from megatron.core import parallel_state as ps
+
+        from model.context_parallel import split_batch
+
+        ids = split_batch({"tokens": ids}, parallel.context, ps.get_context_parallel_rank())["tokens"]
     for rc in recomputes:
         _set_recompute(model, model_cfg, rc)
         out[rc] = _saved_bytes(model, ids)
@@ -123,11 +129,14 @@ def _ranked(rank, layout):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("layout", [dict(expert=2), dict(tensor=2, expert=2)], ids=["ep2-dp2", "tp2-ep2"])
+@pytest.mark.parametrize("layout", [dict(expert=2), dict(tensor=2, expert=2), dict(context=2)],
+                         ids=["ep2-dp2", "tp2-ep2", "cp2"])
 def test_parallel_memory_matches_measured(tmp_path, layout):
     """Two gloo ranks: data parallelism deals the optimizer state (the planner reports the rank that
     owns the most), sequence and tensor parallelism split activations, expert parallelism deals the
-    experts and their rows (routing decides each rank's rows, so activations compare on average)."""
+    experts and their rows (routing decides each rank's rows, so activations compare on average),
+    context parallelism halves each rank's tokens and recomputes the core attention (the whole
+    sequence's gathered keys and values are not kept)."""
     from pretrain.config import compose
 
     m = compose(["model=tiny"]).model

@@ -656,26 +656,30 @@ def test_virtual_pipeline_stages_give_the_single_process_run(data_root, tmp_path
 
 
 @pytest.mark.distributed
-def test_checkpoints_move_between_pipeline_layouts(uninterrupted, data_root, tmp_path):
-    """One process to step 9, two pipeline stages to step 18, one process to the end: the
-    uninterrupted run's losses and TensorBoard scalars, the pipeline part logged like the rest."""
+def test_checkpoints_move_between_context_pipeline_and_single_process_layouts(uninterrupted, data_root, tmp_path):
+    """Context parallelism 2 to step 7, one process to 14, two pipeline stages to 21, context
+    parallelism 2 to the end (packed documents and selective recomputation in the second stage), one
+    data-parallel replica throughout: the uninterrupted single-process run's losses and TensorBoard
+    scalars, the pipeline part logged like the rest."""
     ref_dir, _ = uninterrupted
     run_dir = tmp_path / "run"
-    _run(data_root, run_dir, "train.max_steps=9")
-    out = _run(data_root, run_dir, "parallel.pipeline=2", "train.max_steps=18", nproc=2)
-    assert "resumed from" in out and "step-00000009" in out
+    _run(data_root, run_dir, "parallel.context=2", "train.max_steps=7", nproc=2)
+    out = _run(data_root, run_dir, "train.max_steps=14")
+    assert "resumed from" in out and "step-00000007" in out
+    out = _run(data_root, run_dir, "parallel.pipeline=2", "train.max_steps=21", nproc=2)
+    assert "resumed from" in out and "step-00000014" in out
     # the console shows the last stage's losses from rank 0, as without pipelining
-    console = re.findall(r"step     10 \[general\] loss (\d\.\d{4}) mtp (\d\.\d{3}) lr", out)
+    console = re.findall(r"step     15 \[mixed\] loss (\d\.\d{4}) mtp (\d\.\d{3}) lr", out)
     ref = scalars(ref_dir)
     assert len(console) == 1, out[-2000:]  # one line: rank 0's
-    assert float(console[0][0]) == pytest.approx(ref["lm loss"][10], abs=1e-4)
-    assert float(console[0][1]) == pytest.approx(ref["mtp_1 loss"][10], abs=1e-3)
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-00000018"
-    out = _run(data_root, run_dir)
-    assert "step-00000018" in out and f"done: step {TINY_STEPS}," in out
+    assert float(console[0][0]) == pytest.approx(ref["lm loss"][15], abs=1e-4)
+    assert float(console[0][1]) == pytest.approx(ref["mtp_1 loss"][15], abs=1e-3)
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-00000021"
+    out = _run(data_root, run_dir, "parallel.context=2", nproc=2)
+    assert "step-00000021" in out and f"done: step {TINY_STEPS}," in out
     want, got = scalars(ref_dir), scalars(run_dir)
     assert got.keys() == want.keys()
-    for name in want:  # every scalar at every step, the pipeline's steps 10-18 included
+    for name in want:  # every scalar at every step
         assert got[name].keys() == want[name].keys(), name
     for name in ("lm loss", "mtp_1 loss", "grad-norm", "params-norm", "lm loss validation",
                  "moe/expert_bias_std_layer_2", "moe/max_over_mean_tokens_per_expert_layer_1"):
