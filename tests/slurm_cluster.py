@@ -37,8 +37,14 @@ def _install() -> None:
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         raise Unavailable("Slurm is not installed and this process cannot install it (needs root and apt-get)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *PACKAGES]):
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    lock = ["-o", "DPkg::Lock::Timeout=300"]
+    for cmd in (["apt-get", *lock, "update", "-qq"], ["apt-get", *lock, "install", "-y", "-qq", *PACKAGES]):
+        deadline = time.monotonic() + 300
+        while True:  # another apt process (a machine's start-up updates) may hold the lock for a while
+            p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+            if p.returncode == 0 or "Could not get lock" not in p.stderr + p.stdout or time.monotonic() > deadline:
+                break
+            time.sleep(5)
         if p.returncode:
             raise Unavailable(f"{' '.join(cmd)} failed: {(p.stderr or p.stdout)[-500:]}")
 
@@ -68,11 +74,16 @@ class Cluster:
         return dict(kv.split("=", 1) for kv in p.stdout.split() if "=" in kv) if p.returncode == 0 else {}
 
     def wait_for(self, job_id: str, states: set, timeout: float) -> dict:
+        """Wait until the job is in one of `states`. A job that requeued itself waits about two
+        minutes for its begin time (Slurm's hold after a requeue); it is released at once here
+        (`scontrol update StartTime=now`), which changes nothing the job script or the run does."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             info = self.job(job_id)
             if info.get("JobState") in states:
                 return info
+            if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime" and info.get("Restarts", "0") != "0":
+                self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
             time.sleep(1)
         raise TimeoutError(f"job {job_id} not in {states} after {timeout} s: {self.job(job_id)}\n"
                            f"{self.logs()}")

@@ -1,7 +1,7 @@
 """The sbatch launchers: a dry run without Slurm, the failure bound, and two jobs under a real
 single-node Slurm (tests/slurm_cluster.py): the smoke launcher on the tiny experiment with two CPU
-tasks runs to the end, and a job sent the preemption signal mid-run saves, requeues itself,
-resumes and ends with the same losses."""
+tasks runs to the end, requeueing itself once where a stage switches to its own layout, and a job
+sent the preemption signal mid-run saves, requeues itself, resumes and ends with the same losses."""
 
 from __future__ import annotations
 
@@ -125,6 +125,12 @@ def _job_output(run_dir: Path, job_id: str) -> str:
     return "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in [out, *logs] if p.exists())
 
 
+# The tiny experiment's second stage under its own layout (context parallelism 2 where the first
+# stage runs two data-parallel replicas): the job saves at the boundary, exits 75, requeues itself
+# and goes on under the new layout.
+STAGE_LAYOUT = ["stages.mixed.parallel.context=2"]
+
+
 @pytest.fixture(scope="module")
 def smoke_job(cluster, corpus, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("jobs") / "smoke"
@@ -136,32 +142,41 @@ def smoke_job(cluster, corpus, tmp_path_factory):
         taken.listen()
         stale = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="203.0.113.1",
                      MASTER_PORT=str(taken.getsockname()[1]))
-        job_id = _submit(cluster, corpus, run_dir, **stale)
+        job_id = _submit(cluster, corpus, run_dir, *STAGE_LAYOUT, **stale)
         info = cluster.wait_for(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=600)
     assert info["JobState"] == "COMPLETED", _job_output(run_dir, job_id)
     return run_dir, job_id
 
 
-def test_smoke_launcher_runs_to_the_end_under_slurm(smoke_job):
+def test_smoke_launcher_runs_to_the_end_under_slurm_switching_layout_with_the_stage(cluster, smoke_job):
+    """Two tasks: the first stage as two data-parallel replicas, then the job requeues itself once
+    at the stage whose layout is context parallelism 2, and finishes under it."""
     run_dir, job_id = smoke_job
     ckpts = run_dir / "checkpoints"
     latest = ckpts / (ckpts / "latest").read_text().strip()
+    log = (run_dir / "log.txt").read_text()
     steps = max(scalars(run_dir)["lm loss"])  # two data-parallel ranks: the batch ramp in steps of 2 sequences
-    assert TINY_STEPS <= steps <= TINY_STEPS + 2 and f"done: step {steps}," in (run_dir / "log.txt").read_text()
+    assert TINY_STEPS <= steps <= TINY_STEPS + 2 and f"done: step {steps}," in log
     assert latest.name == f"step-{steps:08d}" and (latest / "meta.json").is_file()
-    assert json.loads((latest / "meta.json").read_text())["world_size"] == 2
-    task_logs = sorted((run_dir / "logs" / f"job-{job_id}-restart-0").glob("task-*.log"))
-    assert [p.name for p in task_logs] == ["task-0.log", "task-1.log"]
-    assert "run finished (exit 0)" in (run_dir.parent / f"glm-smoke-{job_id}.out").read_text()
+    meta = json.loads((latest / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["parallel"]["context"] == 2
+    assert "stage 1 'mixed' runs under another layout (context 2, data 1) than this one (data 2)" in log
+    assert "layout context 2, data 1 (stage 'mixed')" in log
+    out = (run_dir.parent / f"glm-smoke-{job_id}.out").read_text()
+    assert "exit 75): requeueing job" in out and "run finished (exit 0)" in out
+    for restart in (0, 1):
+        task_logs = sorted((run_dir / "logs" / f"job-{job_id}-restart-{restart}").glob("task-*.log"))
+        assert [p.name for p in task_logs] == ["task-0.log", "task-1.log"]
 
 
 def test_preempted_job_saves_requeues_itself_and_resumes_exactly(cluster, corpus, smoke_job, tmp_path):
     """USR1 to the job's tasks mid-run (what `--signal=USR1@N` does before a time limit): the run
-    saves and exits 75, the job requeues itself, Slurm starts it again (about 2 minutes later), it
-    resumes from `latest` and ends with the uninterrupted job's losses at every step."""
+    saves and exits 75, the job requeues itself, Slurm starts it again (released from its requeue hold
+    at once: tests/slurm_cluster.py), it resumes from `latest`, requeues once more at the stage with
+    its own layout, and ends with the uninterrupted job's losses at every step."""
     ref_dir, _ = smoke_job
     run_dir = tmp_path / "preempted"
-    job_id = _submit(cluster, corpus, run_dir)
+    job_id = _submit(cluster, corpus, run_dir, *STAGE_LAYOUT)
     log = run_dir / "log.txt"
     deadline = time.monotonic() + 300
     while not (log.exists() and "step      8 " in log.read_text()):
@@ -171,9 +186,9 @@ def test_preempted_job_saves_requeues_itself_and_resumes_exactly(cluster, corpus
     cluster.run("scancel", "--signal=USR1", job_id)
     info = cluster.wait_for(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=600)
     out = _job_output(run_dir, job_id)
-    assert info["JobState"] == "COMPLETED" and info.get("Restarts") == "1", out
+    assert info["JobState"] == "COMPLETED" and info.get("Restarts") == "2", out  # the signal, then the stage
     assert "exit 75): requeueing job" in out and "resumed from" in log.read_text(), out
-    assert (run_dir / "logs" / f"job-{job_id}-restart-1" / "task-0.log").is_file()
+    assert (run_dir / "logs" / f"job-{job_id}-restart-2" / "task-0.log").is_file()
     want, got = scalars(ref_dir), scalars(run_dir)
     assert got["lm loss"] == want["lm loss"] and got["params-norm"] == want["params-norm"]
 
