@@ -74,16 +74,11 @@ class Cluster:
         return dict(kv.split("=", 1) for kv in p.stdout.split() if "=" in kv) if p.returncode == 0 else {}
 
     def wait_for(self, job_id: str, states: set, timeout: float) -> dict:
-        """Wait until the job is in one of `states`. A job that requeued itself waits about two
-        minutes for its begin time (Slurm's hold after a requeue); it is released at once here
-        (`scontrol update StartTime=now`), which changes nothing the job script or the run does."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             info = self.job(job_id)
             if info.get("JobState") in states:
                 return info
-            if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime" and info.get("Restarts", "0") != "0":
-                self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
             time.sleep(1)
         raise TimeoutError(f"job {job_id} not in {states} after {timeout} s: {self.job(job_id)}\n"
                            f"{self.logs()}")
@@ -129,7 +124,10 @@ def start(tmp: Path) -> Cluster:
         cluster.conf.write_text("\n".join([
             "ClusterName=glmtest", f"SlurmctldHost={host}", "SlurmUser=root",
             f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
-            "AuthType=auth/munge", "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
+            # a requeued job waits out its job credential's lifetime before it starts again: 120 s
+            # by default, 10 s here
+            "AuthType=auth/munge", "AuthInfo=cred_expire=10",
+            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core", "JobRequeue=1",
             "ReturnToService=2", "MpiDefault=none",
             f"StateSaveLocation={tmp / 'state'}", f"SlurmdSpoolDir={tmp / 'spool'}",

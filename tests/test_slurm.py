@@ -171,9 +171,10 @@ def test_smoke_launcher_runs_to_the_end_under_slurm_switching_layout_with_the_st
 
 def test_preempted_job_saves_requeues_itself_and_resumes_exactly(cluster, corpus, smoke_job, tmp_path):
     """USR1 to the job's tasks mid-run (what `--signal=USR1@N` does before a time limit): the run
-    saves and exits 75, the job requeues itself, Slurm starts it again (released from its requeue hold
-    at once: tests/slurm_cluster.py), it resumes from `latest`, requeues once more at the stage with
-    its own layout, and ends with the uninterrupted job's losses at every step."""
+    saves and exits 75, the job requeues itself, Slurm starts it again (about 10 s later: the test
+    cluster's job credentials live 10 s, tests/slurm_cluster.py; 120 s by default), it resumes from
+    `latest`, requeues once more at the stage with its own layout, and ends with the uninterrupted
+    job's losses at every step."""
     ref_dir, _ = smoke_job
     run_dir = tmp_path / "preempted"
     job_id = _submit(cluster, corpus, run_dir, *STAGE_LAYOUT)
