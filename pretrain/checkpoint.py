@@ -41,6 +41,7 @@ import torch.distributed as dist
 LATEST = "latest"
 HF_FILES = "hf"
 _TMP = ".tmp-"
+_UNREADABLE = ".unreadable-"  # a checkpoint a resume could not load, set aside (CheckpointManager.set_aside)
 
 
 def step_name(step: int) -> str:
@@ -52,14 +53,17 @@ def read_meta(path: Path) -> dict:
 
 
 def stage_to_resume(run_dir: str | Path) -> str | None:
-    """The stage whose batch a run in `run_dir` trains next, from its latest checkpoint's meta.json
-    (None without a checkpoint, or for an import that names no stage). Plain files only: read before
-    any process group starts, since the stage decides the parallel layout."""
-    path = CheckpointManager(run_dir).latest()
-    if path is None:
-        return None
-    meta = read_meta(path)
-    return meta.get("next_stage") or meta.get("stage") or None
+    """The stage whose batch a run in `run_dir` trains next, from the meta.json of the newest
+    checkpoint that has a readable one (`latest` first; None without a checkpoint, or for an import
+    that names no stage). Plain files only: read before any process group starts, since the stage
+    decides the parallel layout."""
+    for path in CheckpointManager(run_dir).candidates():
+        try:
+            meta = read_meta(path)
+        except (OSError, ValueError):
+            continue  # resume() says why, and falls back past it too
+        return meta.get("next_stage") or meta.get("stage") or None
+    return None
 
 
 def find(path: str | Path) -> Path:
@@ -181,6 +185,27 @@ class CheckpointManager:
         if not (path / "meta.json").is_file():
             raise FileNotFoundError(f"{pointer} names {path.name}, which is not a complete checkpoint")
         return path
+
+    def candidates(self) -> list[Path]:
+        """What a resume tries, in order: the checkpoint `latest` names (even one that turns out
+        incomplete), then every other complete checkpoint, newest first. Empty for a new run."""
+        pointer = self.dir / LATEST
+        named = [self.dir / pointer.read_text().strip()] if pointer.is_file() else []
+        older = sorted((p for p in self.dir.glob("step-*") if (p / "meta.json").is_file()), reverse=True)
+        return list(dict.fromkeys([*named, *older]))
+
+    def set_aside(self, bad: list[Path], good: Path) -> None:
+        """After a resume fell back past unreadable checkpoints: rename each `.unreadable-<name>` (kept
+        for inspection; neither resumed from nor pruned again) and point `latest` at the one that
+        loaded. Rank 0 does it; collective."""
+        if _rank() == 0:
+            for path in bad:
+                if path.exists():
+                    os.replace(path, path.parent / f"{_UNREADABLE}{path.name}")
+            pointer = self.dir / f"{LATEST}.tmp"
+            pointer.write_text(good.name + "\n")
+            os.replace(pointer, self.dir / LATEST)
+        _barrier()
 
     def save(self, step: int, chunks: list, optimizer, common: dict, per_rank: dict, meta: dict,
              hf_files: tuple[Path, ...] = ()) -> tuple[Path, float]:

@@ -71,6 +71,27 @@ def read_metadata(ckpt: Path) -> Metadata:
         raise CheckpointError(f"{path}: unreadable checkpoint metadata ({e})") from None
 
 
+def damaged_files(ckpt: Path) -> list[str]:
+    """The data files of a dist checkpoint that are missing or shorter than its metadata says they
+    are ('__0_0.distcp: 1,024 of 2,048 bytes'), for naming what a failed load tripped on; the
+    metadata itself when it cannot be read. Empty when every file is whole."""
+    try:
+        metadata = read_metadata(Path(ckpt))
+    except CheckpointError as e:
+        return [str(e)]
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    out = []
+    for name, size in sorted(needed.items()):
+        path = Path(ckpt) / name
+        if not path.is_file():
+            out.append(f"{name}: missing")
+        elif path.stat().st_size < size:
+            out.append(f"{name}: {path.stat().st_size:,} of {size:,} bytes")
+    return out
+
+
 class _Slice(io.RawIOBase):
     """Bytes [offset, offset + length) of an open file, as a file of their own: torch.load reads a
     chunk's records straight into their tensors, with no copy of the whole chunk in between."""

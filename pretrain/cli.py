@@ -46,7 +46,8 @@ main fields (any field of any group can be overridden with Hydra syntax):
 
 exit codes: 0 finished; 75 stopped early on SIGTERM / SIGUSR1 / run.exit_after_minutes, or at a
 stage with another parallel layout, with a checkpoint saved (start it again to resume); 1 an error;
-2 a bad config.
+2 a bad config, or no checkpoint in run.dir that loads (a `latest` that does not load makes the run
+fall back to the newest older one that does, and say so).
 """
 
 
@@ -119,11 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(run_dir, rank)
     if rank == 0:
         _save_config(cfg, run_dir)
+    from pretrain.checkpoint_io import CheckpointError
     from pretrain.train import train
 
     try:
         return train(cfg)
-    except ConfigError as e:  # found once the run directory is read: a checkpoint of another model
+    except (ConfigError, CheckpointError) as e:  # found once the run directory is read: a checkpoint of
+        # another model, or no checkpoint that loads (each one tried is named)
         logging.getLogger("pretrain").error(f"glm-pretrain: {e}")
         return 2
     except FloatingPointError as e:  # non-finite gradients optim.max_skipped_steps times in a row

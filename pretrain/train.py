@@ -169,11 +169,47 @@ class Trainer:
     # ---- state -----------------------------------------------------------------------------
 
     def resume(self) -> bool:
+        """Load the newest checkpoint that loads on every rank: `latest`, or, when it cannot be read
+        (a truncated or missing shard, a torn save, a bit flip: any error but a checkpoint of another
+        model), the newest older one, loudly (log, TensorBoard text); the unreadable ones are set
+        aside and `latest` names the one loaded. None readable: CheckpointError listing what was
+        tried (exit 2). False for a run without checkpoints."""
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        from model.config import ConfigError
+        from pretrain.checkpoint_io import CheckpointError, damaged_files
+
+        tried = []
+        for path in self.checkpoints.candidates():
+            try:
+                self._resume_from(path)
+                error = ""
+            except ConfigError:
+                raise  # another model's checkpoint: not a storage fault, older ones hold it too
+            # any reader's error (torch's DCP reports every rank's as a BaseException): an older
+            # checkpoint may load
+            except (Exception, CheckpointException) as e:  # noqa: BLE001
+                damaged = damaged_files(path) if self.rank == 0 else []
+                error = _reason(e) + (f" (damaged: {', '.join(damaged)})" if damaged else "")
+            if not _any_rank(bool(error)):
+                if tried:
+                    what = "; ".join(f"{p.name} ({why})" for p, why in tried)
+                    log.error(f"resumed from {path.name} instead of the newer {what}; set aside as "
+                              f"{self.checkpoints.dir}/.unreadable-<name>, `latest` now names {path.name}")
+                    self.metrics.text("checkpoint", f"resumed from {path.name}: could not load {what}", self.step)
+                    self.checkpoints.set_aside([p for p, _ in tried], path)
+                return True
+            why = error or "failed on another rank"
+            log.error(f"cannot resume from {path}: {why}")
+            tried.append((path, why))
+        if tried:
+            raise CheckpointError(f"{self.checkpoints.dir}: no checkpoint loads: " +
+                                  "; ".join(f"{p.name}: {why}" for p, why in tried))
+        return False
+
+    def _resume_from(self, path: Path) -> None:
         from pretrain import checkpoint
 
-        path = self.checkpoints.latest()
-        if path is None:
-            return False
         meta = checkpoint.read_meta(path)
         if "model" in meta:  # checkpoints from before meta.json carried it: Megatron checks the shapes
             from model.config import ConfigError, ModelConfig
@@ -185,7 +221,7 @@ class Trainer:
         common, ranks = self.checkpoints.load(path, self.chunks, self.optimizer)
         if common is None:
             self._start_from_weights(path, meta)
-            return True
+            return
         self.step, self.tokens, self.samples = common["step"], common["tokens"], common["samples"]
         self.skipped, self.stage_name = common["skipped"], common["stage"]
         # one loader state per data-parallel rank (tensor/expert-parallel peers share theirs)
@@ -195,7 +231,6 @@ class Trainer:
         if ranks["mine"] is not None:
             set_rng_state(ranks["mine"]["rng"])
         log.info(f"resumed from {path} at step {self.step}, {self.tokens:,} tokens, stage {self.stage_name}")
-        return True
 
     def _start_from_weights(self, path: Path, meta: dict) -> None:
         """A weights-only checkpoint (glm-convert import): fresh optimizer state from the loaded
@@ -384,7 +419,9 @@ class Trainer:
                     log.info(f"done: step {self.step}, {self.tokens:,} tokens")
                     return EXIT_DONE
                 if self.loader is None or stage.name != self.stage_name:
-                    if self.loader is not None and cfg.layout_of(stage.name) != cfg.parallel:
+                    # (with the loader not yet started: a resume that fell back to a checkpoint of a
+                    # stage with another layout than the one `latest` named)
+                    if cfg.layout_of(stage.name) != cfg.parallel:
                         return self.stop_for_layout(stage)
                     self.enter(stage)
                 seqs = schedules.batch_sequences(self.tokens, t.batch_start_tokens, t.global_batch_tokens,
@@ -433,6 +470,29 @@ class Trainer:
         finally:
             stop.restore()
             self.metrics.close()
+
+
+def _reason(e: BaseException) -> str:
+    """One line for an error: its type and message; for torch DCP's CheckpointException, which
+    wraps each failing rank's exception, the first of those."""
+    inner = getattr(e, "failures", None)
+    if isinstance(inner, dict) and inner:
+        rank, failure = next(iter(inner.items()))  # (exception, traceback summary)
+        e = failure[0] if isinstance(failure, tuple) else failure
+        prefix = f"rank {rank}: "
+    else:
+        prefix = ""
+    text = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    return f"{prefix}{type(e).__name__}" + (f": {text}" if text else "")
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank if it is true on any (collective)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _over_stages(scalars: dict) -> dict:
@@ -547,6 +607,9 @@ def train(cfg: Config) -> int:
         if not trainer.resume() and trainer.rank == 0:
             log.info("starting from scratch (no checkpoint in this run directory)")
         code = trainer.run()
+        if code == EXIT_RESUME and trainer.rank == 0:
+            log.warning(f"stopped at step {trainer.step}, checkpoint {trainer.checkpoints.latest()} saved: start the "
+                        f"same command again to resume (exit {EXIT_RESUME}; torchrun reports it as a failed worker)")
         # every rank has closed its files before any exits: a launcher that ends the others when
         # the first one exits (torchrun, srun --kill-on-bad-exit) cuts nothing short
         if dist.get_world_size() > 1:

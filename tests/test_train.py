@@ -255,6 +255,39 @@ def test_sigkill_in_the_middle_of_a_save_keeps_latest_and_resumes_exactly(uninte
         assert torch.equal(ref[k], resumed[k]), k
 
 
+def test_an_unreadable_latest_falls_back_to_the_newest_checkpoint_that_loads(uninterrupted, data_root, tmp_path):
+    """Saves at steps 2 and 4, then a storage fault truncates one of step 4's shards: started again,
+    the run says it cannot load step 4, resumes from step 2 (never from step 0), sets step 4 aside,
+    points `latest` at step 2 and trains on exactly as the uninterrupted run; with every checkpoint
+    damaged it stops with exit 2, naming each one it tried."""
+    ref_dir, _ = uninterrupted
+    run_dir, saves = tmp_path / "run", ["train.save_every=2", "train.keep_last=0"]
+    ckpts = run_dir / "checkpoints"
+
+    def truncate(step: int) -> None:
+        shard = max((ckpts / f"step-{step:08d}").glob("*.distcp"), key=lambda p: p.stat().st_size)
+        shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
+
+    _run(data_root, run_dir, "train.max_steps=4", *saves)
+    truncate(4)
+    out = _run(data_root, run_dir, "train.max_steps=6", *saves)
+    assert f"cannot resume from {ckpts / 'step-00000004'}: " in out
+    assert "resumed from step-00000002 instead of the newer step-00000004 (" in out
+    assert f"resumed from {ckpts / 'step-00000002'} at step 2" in out
+    assert (ckpts / ".unreadable-step-00000004").is_dir() and (ckpts / "step-00000004" / "meta.json").is_file()
+    want, got = scalars(ref_dir), scalars(run_dir)
+    for name in ("lm loss", "mtp_1 loss", "grad-norm", "params-norm"):
+        assert [got[name][s] for s in range(1, 7)] == [want[name][s] for s in range(1, 7)], name
+
+    for step in (2, 4, 6):
+        truncate(step)
+    p = subprocess.run(_command(run_dir, "train.max_steps=8", *saves), env=_env(data_root), cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
+    assert re.search(r"no checkpoint loads: step-00000006: \w+.*; step-00000004: .*; step-00000002: ", p.stdout), \
+        p.stdout[-2000:]
+
+
 def test_timer_stops_the_run_like_a_signal(data_root, tmp_path):
     out = _run(data_root, tmp_path / "run", "run.exit_after_minutes=0.0001", expect=EXIT_RESUME)
     assert "stopping early (run.exit_after_minutes): saving step 1" in out
