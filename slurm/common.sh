@@ -7,7 +7,9 @@
 #   TASKS_PER_NODE   processes per node, one per GPU (default: the job's --ntasks-per-node)
 #   CONTAINER_IMAGE  pyxis/enroot image: srun runs inside it (the job's plain environment when unset)
 #   CONTAINER_MOUNTS pyxis --container-mounts, e.g. /lustre:/lustre (default: the repository and RUN_DIR)
-#   PYTHON           interpreter inside the job (default python3)
+#   PYTHON           interpreter inside the job (default: the repository's .venv/bin/python, which
+#                    `make smoke` / `make test` set up, when it exists and no CONTAINER_IMAGE is given;
+#                    else python3)
 #   MAX_FAILURES     requeues after a failed run before giving up (default 2); a preemption, a time
 #                    limit or a stage with its own layout (exit 75 after a checkpoint) always requeues
 #   WAIT_S           seconds the other ranks get after the first one exits (default 120)
@@ -32,6 +34,13 @@ export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 export PYTHONPATH="$GLM_REPO${PYTHONPATH:+:$PYTHONPATH}"  # the packages, installed or not
+if [[ -z ${PYTHON:-} ]]; then  # the README's set-up outside a container; the container's python3 in one
+    if [[ -z ${CONTAINER_IMAGE:-} && -x $GLM_REPO/.venv/bin/python ]]; then
+        PYTHON=$GLM_REPO/.venv/bin/python
+    else
+        PYTHON=python3
+    fi
+fi
 
 _glm_header() {  # _glm_header SCRIPT OPTION DEFAULT: the value of "#SBATCH --OPTION=VALUE" in SCRIPT
     local value

@@ -56,6 +56,28 @@ def test_dry_run_prints_the_launch_without_slurm(tmp_path):
     assert p.returncode == 2 and "parallel.expert=7 does not divide model.num_experts=128" in p.stderr
 
 
+@pytest.mark.skipif(sys.prefix == sys.base_prefix, reason="needs the tests to run in a virtual environment")
+def test_dry_run_as_the_readme_gives_it_uses_the_repositorys_venv(tmp_path):
+    """`DRY_RUN=1 bash slurm/glm45.sbatch` with no PYTHON set: the interpreter is the repository's
+    .venv, which the README's set-up made (a plain python3 lacks the packages), unless a container
+    is given. The repository here is a copy of links whose .venv is this test's own environment."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for entry in ROOT.iterdir():
+        if entry.name != ".venv":
+            (repo / entry.name).symlink_to(entry)
+    (repo / ".venv").symlink_to(sys.prefix)
+    env = _plain_env(DRY_RUN="1", RUN_DIR=str(tmp_path / "run"), GLM_REPO=str(repo))
+    env.pop("PYTHON", None)
+    p = subprocess.run(["bash", str(repo / "slurm" / "glm45.sbatch")], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0 and f"{repo}/.venv/bin/python -m pretrain experiment=glm45" in p.stdout, \
+        p.stdout[-2000:] + p.stderr[-2000:]
+    p = subprocess.run(["bash", str(repo / "slurm" / "glm45.sbatch")], cwd=tmp_path, capture_output=True, text=True,
+                       env={**env, "CONTAINER_IMAGE": "nvcr.io#nvidia/pytorch:25.01-py3"}, timeout=120)
+    assert " python3 -m pretrain experiment=glm45" in p.stdout  # the container's interpreter
+
+
 def test_failed_runs_requeue_a_bounded_number_of_times(tmp_path):
     """The job script's decision after its run, with srun and scontrol stood in for: a run that keeps
     failing at the same checkpoint is requeued MAX_FAILURES times and then given up; a new checkpoint
