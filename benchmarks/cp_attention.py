@@ -27,16 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore")
 
-from benchmarks.gpu_step import packed_segments  # noqa: E402
+from benchmarks.gpu_step import CUDA, packed_segments, sync  # noqa: E402
 from model import context_parallel  # noqa: E402
 from model.attention import attend_as_context_rank, document_block_mask, _flex_attention  # noqa: E402
-
-CUDA = torch.cuda.is_available()
-
-
-def sync() -> None:
-    if CUDA:
-        torch.cuda.synchronize()
 
 
 def visible_pairs(where: torch.Tensor, segments: torch.Tensor | None) -> float:
