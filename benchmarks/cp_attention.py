@@ -103,8 +103,8 @@ def run(seq: int, cp: int, heads: int, groups: int, dim: int, packed: bool, step
         # so two) and the rank's queries, output and their gradients
         planned = (2 * 2 * groups * dim * seq + 4 * heads * dim * seq / cp) * a
         tflops = attention_flops(visible_pairs(where, segments), heads, dim) / seconds / 1e12
-        lines.append(f"  rank {rank}: {seconds * 1e3:8.2f} ms, {tflops:.1f} TFLOP/s, peak above inputs {peak / 2**30:.2f} GiB "
-                     f"(planned {planned / 2**30:.2f})")
+        lines.append(f"  rank {rank}: {seconds * 1e3:8.2f} ms, {tflops:.1f} TFLOP/s, peak above inputs "
+                     f"{peak / 2**30:.2f} GiB (planned {planned / 2**30:.2f})")
     lines.append(f"  slowest rank / (whole / {cp}) = {slowest / (base_s / cp):.2f}")
     return lines
 

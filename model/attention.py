@@ -224,36 +224,32 @@ def attend_as_context_rank(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, se
     gqa = k.shape[1] != q.shape[1]
     s = k.shape[2]
     if q.is_cuda:
-        mask = _cp_causal_blocks(s, cp, rank, q.device) if segments is None else _cp_blocks(segments, cp, rank)
+        mask = (_cp_causal_blocks(s, cp, rank, q.device) if segments is None
+                else _cp_mask(_cp_block, segments, cp, rank))
         return _flex_attention()(q, k, v, block_mask=mask, scale=scale, enable_gqa=gqa)
-    where = context_parallel.positions(s, cp, rank, q.device)
-    mask = context_parallel.visible(where, s, None) if segments is None else _cp_visible(segments, cp, rank)
+    mask = (context_parallel.visible(context_parallel.positions(s, cp, rank, q.device), s, None) if segments is None
+            else _cp_mask(_cp_dense, segments, cp, rank))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
-def _cp_positions(segments: torch.Tensor, cp: int, rank: int) -> torch.Tensor:
-    return context_parallel.positions(segments.shape[1], cp, rank, segments.device)
+def _cp_dense(segments: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    return context_parallel.visible(where, segments.shape[1], segments)
 
 
-# per micro-batch under context parallelism: the mask of this rank's queries against the whole row
-_cp_visible_cache: dict = {}
+def _cp_block(segments: torch.Tensor, where: torch.Tensor):
+    return document_block_mask(segments, q_positions=where)
 
 
-def _cp_visible(segments: torch.Tensor, cp: int, rank: int) -> torch.Tensor:
-    if (cp, rank) not in _cp_visible_cache:
-        _cp_visible_cache[cp, rank] = _PerMicroBatch(
-            lambda seg: context_parallel.visible(_cp_positions(seg, cp, rank), seg.shape[1], seg))
-    return _cp_visible_cache[cp, rank](segments)
+# per micro-batch under context parallelism: a mask of this rank's queries against the whole row,
+# by (builder, cp, rank)
+_cp_masks: dict = {}
 
 
-_cp_blocks_cache: dict = {}
-
-
-def _cp_blocks(segments: torch.Tensor, cp: int, rank: int):
-    if (cp, rank) not in _cp_blocks_cache:
-        _cp_blocks_cache[cp, rank] = _PerMicroBatch(
-            lambda seg: document_block_mask(seg, q_positions=_cp_positions(seg, cp, rank)))
-    return _cp_blocks_cache[cp, rank](segments)
+def _cp_mask(build, segments: torch.Tensor, cp: int, rank: int):
+    if (build, cp, rank) not in _cp_masks:
+        _cp_masks[build, cp, rank] = _PerMicroBatch(
+            lambda seg: build(seg, context_parallel.positions(seg.shape[1], cp, rank, seg.device)))
+    return _cp_masks[build, cp, rank](segments)
 
 
 @functools.lru_cache(maxsize=8)

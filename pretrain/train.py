@@ -599,8 +599,8 @@ def train(cfg: Config) -> int:
         if trainer.rank == 0:
             log.info(f"{cfg.experiment or 'run'} in {run_dir}: {dist.get_world_size()} process(es), layout "
                      f"{cfg.parallel.describe(dist.get_world_size())}"
-                     + (f" (stage '{stage or next(iter(cfg.stages))}')" if len(set(map(str, cfg.stage_parallel.values()))) > 1
-                        else "")
+                     + (f" (stage '{stage or next(iter(cfg.stages))}')"
+                        if len(set(map(str, cfg.stage_parallel.values()))) > 1 else "")
                      + f", {trainer.stages.total_tokens:,.0f} tokens in {len(trainer.stages.list)} "
                      f"stage(s), dtype {str(trainer.dtype).replace('torch.', '')}, peak {trainer.peak / 1e12:.2f} "
                      f"TFLOP/s ({trainer.peak_source})")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from model.attention import dense_document_mask, document_block_mask
 from tests import spawn
 from tests.megatron_helpers import segments_of
 from tests.test_fast_path import _random_rows, assert_tiles_listed
-from tests.test_train import DP_STEPS, FIXED_BATCH, _by_rank, _loop, _run, scalars
+from tests.test_train import DP_STEPS, _by_rank, _loop, _run, scalars
 
 pytestmark = pytest.mark.xdist_group("context_parallel")
 
@@ -47,7 +46,8 @@ def test_each_rank_keeps_megatrons_two_chunks(world1, cp):
 
     seq = 48
     g = torch.Generator().manual_seed(cp)
-    batch = {"tokens": torch.randint(0, 99, (2, seq), generator=g), "labels": torch.randint(0, 99, (2, seq), generator=g),
+    batch = {"tokens": torch.randint(0, 99, (2, seq), generator=g),
+             "labels": torch.randint(0, 99, (2, seq), generator=g),
              "loss_mask": torch.rand(2, seq, generator=g), "position_ids": torch.arange(seq).expand(2, seq),
              "segment_ids": torch.stack([segments_of([30, 18], seq)] * 2)}
     held = []
