@@ -24,8 +24,8 @@ Everything per token is divided over tensor parallelism (sequence parallelism co
 norms and the residual stream; heads, FFN widths and the vocabulary are split), and context
 parallelism divides the tokens; under it the core attention is a recomputed region of its own
 (no log-sum-exp kept), and the whole sequence's gathered keys and values are a transient of each
-layer's attention (`context_parallel_working_set`). Full recomputation keeps only each layer's input (h*A), and
-recomputes one layer at a time during the backward pass (`recompute_working_set`).
+layer's attention (`context_parallel_working_set`). Full recomputation keeps only each layer's
+input (h*A), and recomputes one layer at a time during the backward pass (`recompute_working_set`).
 
 tests/test_plan.py checks these numbers against what `torch.autograd.graph.saved_tensors_hooks`
 sees on the CPU (`torch` layer path). Transformer Engine's fused LayerNormLinear keeps one h*A
