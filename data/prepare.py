@@ -242,6 +242,17 @@ class ShardWriter:
         self.shards.append({**self.current, "bytes": final.stat().st_size, "sha256": fmt.sha256_file(final)})
         self.tar = None
 
+    def abort(self) -> None:
+        """On an error: close the shard being written and remove it (the finished ones stay for
+        --overwrite to replace; a closed stream would otherwise be written to once more at exit)."""
+        if self.tar is None:
+            return
+        try:
+            self.tar.close()
+        finally:
+            self.tar = None
+            self.tmp.unlink(missing_ok=True)
+
 
 def _progress(enabled: bool):
     from tqdm import tqdm
@@ -382,18 +393,22 @@ def _prepare_into(out: Path, name: str, files: list[str], opts: Options, progres
     if opts.part is not None:
         return _write_part(out, files, opts, tok, settings, reader, per_input, progress)
     writer = ShardWriter(out, shard_tokens)
-    if opts.merge is not None:
-        per_input = _merge_parts(writer, files, opts, tok, progress)
-    else:
-        for index, samples, n_docs, n_empty in _encoded(files, range(len(files)), tok.to_str(), settings, opts,
-                                                        reader, progress):
-            for tokens, docs, sample in samples:
-                writer.write(tokens, docs, sample)
-                per_input[index]["tokens"] += tokens
-            per_input[index]["documents"] += n_docs
-            per_input[index]["empty"] += n_empty
-        _note_replaced(per_input, reader)
-    writer.close()
+    try:
+        if opts.merge is not None:
+            per_input = _merge_parts(writer, files, opts, tok, progress)
+        else:
+            for index, samples, n_docs, n_empty in _encoded(files, range(len(files)), tok.to_str(), settings, opts,
+                                                            reader, progress):
+                for tokens, docs, sample in samples:
+                    writer.write(tokens, docs, sample)
+                    per_input[index]["tokens"] += tokens
+                per_input[index]["documents"] += n_docs
+                per_input[index]["empty"] += n_empty
+            _note_replaced(per_input, reader)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
     if not writer.shards:
         raise fmt.DataError(f"{', '.join(opts.inputs)}: no documents with text found")
     manifest = fmt.make_manifest(

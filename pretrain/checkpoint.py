@@ -127,6 +127,39 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank if it is true on any (collective)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for an error: its type and message; for torch DCP's CheckpointException, which
+    wraps each failing rank's exception, the first of those (and the error that caused it)."""
+    inner = getattr(e, "failures", None)
+    if isinstance(inner, dict) and inner:
+        rank, failure = next(iter(inner.items()))  # (exception, traceback summary)
+        e = failure[0] if isinstance(failure, tuple) else failure
+        prefix = f"rank {rank}: "
+    else:
+        prefix = ""
+    while e.__cause__ is not None and "Worker failure" in str(e):  # the async writer's wrapper
+        e = e.__cause__
+    text = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    return f"{prefix}{type(e).__name__}" + (f": {text}" if text else "")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1024
+    return ""
+
+
 def _gather(obj) -> list:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [obj]
@@ -218,29 +251,72 @@ class CheckpointManager:
 
         from optim import checkpoint as optim_checkpoint
 
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        from pretrain import faults
+
         started = time.perf_counter()
         self.wait()
         name = step_name(step)
         tmp, final = self.dir / f"{_TMP}{name}", self.dir / name
         ranks = _gather(per_rank)
+        error = ""
         if _rank() == 0:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        _barrier()
+            try:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+            except OSError as e:
+                error = describe_error(e)
+        self._agree(error, tmp, final)
         state = {**_model_state(chunks), **optim_checkpoint.sharded_state_dict(optimizer),
                  "trainer": common, "ranks": ranks}
         commit = partial(self._commit, tmp, final, meta, tuple(hf_files))
+        try:
+            # a write that fails on any rank raises CheckpointException on every rank (DCP gathers
+            # the writers' results); the test-only switch makes this rank's writes fail
+            with faults.failing_writes(step):
+                if not self.asynchronous:
+                    dist_checkpointing.save(state, str(tmp))
+                else:
+                    # the tensors are staged (copied off the GPU) before this returns; the files come later
+                    request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
+                    request.add_finalize_fn(commit)
+                    self._queue().schedule_async_request(request)
+        except (Exception, CheckpointException) as e:  # noqa: BLE001
+            self._failed(describe_error(e), tmp, final)
         if not self.asynchronous:
-            dist_checkpointing.save(state, str(tmp))
             commit()
             return final, time.perf_counter() - started
-        # the tensors are staged (copied off the GPU) before this returns; the files come later
-        request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
-        request.add_finalize_fn(commit)
-        self._queue().schedule_async_request(request)
         self.pending = final
         return final, time.perf_counter() - started
+
+    def _agree(self, error: str, tmp: Path, final: Path) -> None:
+        """Collective: every rank raises CheckpointSaveError if `error` is set on any."""
+        if any_rank(bool(error)):
+            self._failed(error, tmp, final, gather=True)
+
+    def _failed(self, error: str, tmp: Path, final: Path, gather: bool = False) -> None:
+        """The save of `final` failed (on every rank's knowledge): the partial directory is removed
+        (marked `.tmp-`, never taken for a checkpoint, should that fail too), `latest` untouched;
+        CheckpointSaveError on every rank, naming the path, the error and the rank(s)."""
+        from pretrain.checkpoint_io import CheckpointSaveError
+
+        if gather:  # only the failing ranks know their errors
+            errors = [e for e in _gather(error) if e]
+            error = "; ".join(dict.fromkeys(f"{e}" for e in errors))
+        self.pending = None
+        try:  # a full disk shows as torch's "unexpected pos" from its zip writer as often as ENOSPC
+            usage = shutil.disk_usage(self.dir)
+            space = f"; {_size(usage.free)} free of {_size(usage.total)} on its file system (partial save included)"
+        except OSError:
+            space = ""
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = (self.dir / LATEST).read_text().strip() if (self.dir / LATEST).is_file() else None
+        raise CheckpointSaveError(f"cannot save {final}: {error}{space}; " +
+                                  (f"`latest` still names {previous}" if previous else "no checkpoint was saved before")
+                                  + f" and the partial {tmp.name} was removed")
 
     def _queue(self):
         if self._calls is None:
@@ -253,9 +329,20 @@ class CheckpointManager:
         """Complete the save in flight if every rank's writer has finished (or, with `wait`, once
         they have); returns the checkpoint completed by this call, if any. Collective while a save
         is in flight; does nothing otherwise."""
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        from pretrain.checkpoint_io import CheckpointSaveError
+
         if self.pending is None:
             return None
-        done = self._queue().maybe_finalize_async_calls(blocking=wait)
+        try:
+            done = self._queue().maybe_finalize_async_calls(blocking=wait)
+        except CheckpointException as e:  # a writer failed: every rank raises it
+            final = self.pending
+            self._failed(describe_error(e), final.parent / f"{_TMP}{final.name}", final)
+        except CheckpointSaveError:  # in the commit
+            self.pending = None
+            raise
         if not done:
             return None
         path, self.pending = self.pending, None
@@ -267,21 +354,28 @@ class CheckpointManager:
 
     def _commit(self, tmp: Path, final: Path, meta: dict, hf_files: tuple[Path, ...]) -> None:
         """Every rank's files are written: meta.json, the files to hand on, the rename and `latest`
-        (collective)."""
+        (collective; a failure on rank 0, such as a full disk, is every rank's CheckpointSaveError)."""
         _barrier()
+        error = ""
         if _rank() == 0:
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-            for f in hf_files:
-                (tmp / HF_FILES).mkdir(exist_ok=True)
-                shutil.copyfile(f, tmp / HF_FILES / Path(f).name)
-            if final.exists():  # the same step saved again (a resumed run that stopped at once)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            pointer = self.dir / f"{LATEST}.tmp"
-            pointer.write_text(final.name + "\n")
-            os.replace(pointer, self.dir / LATEST)
-            self._prune(keep=final.name)
-        _barrier()
+            try:
+                (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+                for f in hf_files:
+                    (tmp / HF_FILES).mkdir(exist_ok=True)
+                    shutil.copyfile(f, tmp / HF_FILES / Path(f).name)
+                if final.exists():  # the same step saved again (a resumed run that stopped at once)
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                pointer = self.dir / f"{LATEST}.tmp"
+                pointer.write_text(final.name + "\n")
+                os.replace(pointer, self.dir / LATEST)
+            except OSError as e:
+                error = describe_error(e)
+                if final.exists() and not (tmp.exists()):  # renamed, `latest` not moved: back to a partial
+                    os.replace(final, tmp)
+            else:
+                self._prune(keep=final.name)
+        self._agree(error, tmp, final)
 
     def _prune(self, keep: str) -> None:
         for stale in self.dir.glob(f"{_TMP}*"):  # left by a save that died

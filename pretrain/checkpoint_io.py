@@ -43,6 +43,11 @@ class CheckpointError(ValueError):
     """A checkpoint directory that cannot be read as asked; the message names file and tensor."""
 
 
+class CheckpointSaveError(RuntimeError):
+    """A save that failed on some rank (ENOSPC, EIO, ...), raised on every rank together; `latest`
+    still names the previous checkpoint and the partial directory is gone."""
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     """Builds DCP's metadata dataclasses (and Megatron's additions to them), torch sizes and
     dtypes, nothing else."""

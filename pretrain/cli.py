@@ -40,14 +40,23 @@ main fields (any field of any group can be overridden with Hydra syntax):
   data.num_workers  data.on_error=fail|skip  data.max_skip_fraction  data.holdout_shards
                 (loader settings, every stage)
   run.dir=outputs/runs/NAME  run.exit_after_minutes=0
+  faults.watchdog.factor / .floor_s / .first_s / .step_s / .checkpoint_s / .validation_s / .poll_s
+                / .grace_s / .enabled   (hang watchdog: timeouts from observed durations; README: Faults)
+  faults.spike.policy=skip|rewind|off / .factor / .window / .max_spikes / .max_spikes_steps
+  faults.straggler.factor / .steps   faults.on_save_error=stop|continue
 
 --print-config: print the resolved config (checked against WORLD_SIZE when set) and exit; nothing
     is started or opened (the Slurm launchers' DRY_RUN=1 uses it).
 
+Each rank runs under a supervisor process that ends the whole run when a rank stops making progress
+or dies, naming it, with every rank's stacks in run.dir/watchdog/.
+
 exit codes: 0 finished; 75 stopped early on SIGTERM / SIGUSR1 / run.exit_after_minutes, or at a
-stage with another parallel layout, with a checkpoint saved (start it again to resume); 1 an error;
-2 a bad config, or no checkpoint in run.dir that loads (a `latest` that does not load makes the run
-fall back to the newest older one that does, and say so).
+stage with another parallel layout, with a checkpoint saved (start it again to resume); 76 the
+watchdog ended a hung run or one with a dead rank (start it again to resume from `latest`); 1 an
+error; 2 a bad config, or no checkpoint in run.dir that loads (a `latest` that does not load makes
+the run fall back to the newest older one that does, and say so); 3 unstable (too many loss spikes
+or non-finite steps); 4 a checkpoint could not be written (`latest` names the last good one).
 """
 
 
@@ -91,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(HELP.format(experiments=_experiments()))
         return 0
+    from pretrain import watchdog
+
+    watchdog.start_beating()  # the training process under a supervisor: heartbeat and stacks from here on
     from data.format import DataError
     from model.config import ConfigError
     from model import quiet_megatron_warnings
@@ -101,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", slurm_environment().get("RANK", 0)))
     print_only = "--print-config" in argv
     argv = [a for a in argv if a != "--print-config"]
+    overrides = list(argv)
     try:
         cfg = compose(argv)
         if not cfg.experiment:
@@ -110,17 +123,24 @@ def main(argv: list[str] | None = None) -> int:
             cfg.validate(world_size=int(world) if world else None)
             print(_config_yaml(cfg), end="")
             return 0
+        if cfg.faults.watchdog.enabled and not watchdog.under_supervisor():
+            # this process becomes the rank's supervisor; the training runs in its child
+            return watchdog.supervise(overrides, cfg.faults.watchdog, Path(cfg.run.dir))
         from pretrain.train import preflight
 
         preflight(cfg)
     except (ConfigError, DataError) as e:
         print(f"glm-pretrain: {e}", file=sys.stderr)
         return 2
+    from pretrain.faults import catch_stop_signals
+
+    catch_stop_signals()
     run_dir = Path(cfg.run.dir)
     _setup_logging(run_dir, rank)
     if rank == 0:
         _save_config(cfg, run_dir)
-    from pretrain.checkpoint_io import CheckpointError
+    from pretrain.checkpoint_io import CheckpointError, CheckpointSaveError
+    from pretrain.faults import EXIT_CONFIG, EXIT_SAVE_FAILED, EXIT_UNSTABLE
     from pretrain.train import train
 
     try:
@@ -128,10 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError) as e:  # found once the run directory is read: a checkpoint of
         # another model, or no checkpoint that loads (each one tried is named)
         logging.getLogger("pretrain").error(f"glm-pretrain: {e}")
-        return 2
-    except FloatingPointError as e:  # non-finite gradients optim.max_skipped_steps times in a row
+        return EXIT_CONFIG
+    except CheckpointSaveError as e:  # every rank knows it (decided together); rank 0 says it
+        if rank == 0:
+            logging.getLogger("pretrain").error(f"glm-pretrain: {e}")
+        return EXIT_SAVE_FAILED
+    except FloatingPointError as e:  # non-finite gradients optim.max_skipped_steps times in a row, or
+        # faults.spike.max_spikes loss spikes: training on would meet them again
         logging.getLogger("pretrain").error(f"rank {rank}: {e}")
-        return 1
+        return EXIT_UNSTABLE
     except Exception:
         logging.getLogger("pretrain").exception(f"rank {rank} failed")
         return 1

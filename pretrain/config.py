@@ -80,6 +80,54 @@ class RunConfig:
 
 
 @dataclass
+class WatchdogConfig:
+    """The hang watchdog (pretrain/watchdog.py): per section, a timeout of `factor` x the longest
+    duration seen (saved in run.dir/watchdog/timeouts.json), at least `floor_s`; `first_s` for a
+    section not seen yet in this launch (start-up, the first step, of a stage too, the first save);
+    `<section>_s` fixes one (0: calibrated)."""
+    enabled: bool = True
+    factor: float = 4.0
+    floor_s: float = 120.0
+    first_s: float = 1800.0
+    startup_s: float = 0.0
+    step_s: float = 0.0
+    validation_s: float = 0.0
+    checkpoint_s: float = 0.0
+    shutdown_s: float = 0.0
+    poll_s: float = 2.0  # how often each supervisor looks for another rank's abort (one stat)
+    grace_s: float = 20.0  # how long rank 0's supervisor waits for the other ranks' reports
+
+
+@dataclass
+class SpikeConfig:
+    """Loss spikes (pretrain/spikes.py): a step whose loss exceeds `factor` x the median of the last
+    `window` steps (counted once `window` steps were seen since the start or the last stage switch)."""
+    policy: str = "skip"  # skip | rewind | off
+    factor: float = 3.0
+    window: int = 100
+    max_spikes: int = 5  # this many within `max_spikes_steps` steps stop the run (exit 3)
+    max_spikes_steps: int = 1000
+
+
+@dataclass
+class StragglerConfig:
+    """A rank whose own work (until it joins the gradient all-reduce) takes `factor` x the median of
+    its pipeline stage's ranks for `steps` logged steps in a row is named on the console."""
+    factor: float = 1.5
+    steps: int = 3
+
+
+@dataclass
+class FaultsConfig:
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
+    straggler: StragglerConfig = field(default_factory=StragglerConfig)
+    # a checkpoint that cannot be written (ENOSPC, EIO) on any rank: stop (exit 4), or go on
+    # training and try again at the next save interval (`continue`); `latest` stays on the last good one
+    on_save_error: str = "stop"
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -87,6 +135,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     stages: dict = field(default_factory=dict)  # name -> StageConfig, in training order
     stage_data: dict = field(default_factory=dict)  # name -> the stage's DataConfig
     stage_parallel: dict = field(default_factory=dict)  # name -> the stage's ParallelConfig
@@ -131,6 +180,7 @@ class Config:
                               "data.holdout_shards (the last N shards of every source, never trained on)")
         if self.run.exit_after_minutes < 0:
             raise ConfigError(f"{where}: run.exit_after_minutes={self.run.exit_after_minutes} must be >= 0")
+        self._validate_faults(where)
         for name, st in self.stages.items():
             if not st.tokens > 0:
                 raise ConfigError(f"{where}: stages.{name}.tokens={st.tokens} must be positive")
@@ -151,6 +201,23 @@ class Config:
                                   f"2 x parallel.context={cp}: each context-parallel rank holds two equal chunks of "
                                   "every sequence")
         return self
+
+    def _validate_faults(self, where: str) -> None:
+        f = self.faults
+        if f.on_save_error not in ("stop", "continue"):
+            raise ConfigError(f"{where}: faults.on_save_error={f.on_save_error!r} must be stop or continue")
+        if f.spike.policy not in ("skip", "rewind", "off"):
+            raise ConfigError(f"{where}: faults.spike.policy={f.spike.policy!r} must be skip, rewind or off")
+        checks = {"spike.factor": (f.spike.factor, 1.0), "spike.window": (f.spike.window, 1),
+                  "spike.max_spikes": (f.spike.max_spikes, 1), "spike.max_spikes_steps": (f.spike.max_spikes_steps, 1),
+                  "straggler.factor": (f.straggler.factor, 1.0), "straggler.steps": (f.straggler.steps, 1),
+                  "watchdog.factor": (f.watchdog.factor, 1.0), "watchdog.poll_s": (f.watchdog.poll_s, 0.1)}
+        for name in ("floor_s", "first_s", "startup_s", "step_s", "validation_s", "checkpoint_s", "shutdown_s",
+                     "grace_s"):
+            checks[f"watchdog.{name}"] = (getattr(f.watchdog, name), 0.0)
+        for name, (value, low) in checks.items():
+            if value < low:
+                raise ConfigError(f"{where}: faults.{name}={value} must be >= {low}")
 
     def layout_of(self, stage: str | None) -> ParallelConfig:
         """The parallel layout stage `stage` runs under (the first stage's for None)."""
@@ -184,7 +251,7 @@ def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None,
     config_dir = Path(config_dir or CONFIG_DIR).resolve()
     # train/run/stages fields need not appear in an experiment file to be overridden: "++" adds or
     # overrides; a misspelt field still fails below, against its schema, with the file named.
-    overrides = [f"++{o}" if o.split(".", 1)[0] in ("train", "run", "stages") and "=" in o
+    overrides = [f"++{o}" if o.split(".", 1)[0] in ("train", "run", "stages", "faults") and "=" in o
                  and not o.startswith(("+", "~")) else o for o in overrides]
     GlobalHydra.instance().clear()
     try:
@@ -209,6 +276,7 @@ def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None,
         setattr(out, group, to_schema(schema, cfg.get(group, {}), source, group))
     out.train = to_schema(TrainConfig, cfg.get("train", {}), where, "train")
     out.run = to_schema(RunConfig, cfg.get("run", {}), where, "run")
+    out.faults = to_schema(FaultsConfig, cfg.get("faults", {}), where, "faults")
     layout = out.parallel
     for name, raw in (cfg.get("stages") or {}).items():
         out.stages[name] = stage = to_schema(StageConfig, raw, where, f"stages.{name}")

@@ -69,6 +69,9 @@ def first_host(nodelist: str) -> str:
 def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_s: int = 600) -> None:
     """Start torch.distributed (NCCL with CUDA, gloo without) and Megatron-Core's process groups.
 
+    `timeout_s`: how long a collective may wait (the default group's and Megatron's groups'); a
+    backstop behind the watchdog (pretrain/watchdog.py), which ends a hung run sooner.
+
     Reads the usual RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT (torchrun sets
     them), or Slurm's SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID and node list under srun;
     without either it starts a world of one.
@@ -99,6 +102,7 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_s: int 
             context_parallel_size=parallel.context,
             expert_model_parallel_size=parallel.expert,
             expert_tensor_parallel_size=parallel.expert_tensor,
+            distributed_timeout_minutes=max(1, round(timeout_s / 60)),
         )
     model_parallel_cuda_manual_seed(seed)
 

@@ -27,6 +27,7 @@ def forward_step(data_iterator, model):
     from megatron.core import parallel_state as ps
 
     from model import context_parallel
+    from pretrain import faults
 
     device = next(model.parameters()).device
     cp = ps.get_context_parallel_world_size()
@@ -40,6 +41,9 @@ def forward_step(data_iterator, model):
         # mean over this micro-batch's tokens that carry a loss; the schedule divides by the number
         # of micro-batches and DDP averages over data-parallel ranks
         total = (output.float() * mask).sum()
+        factor = faults.loss_factor()  # 1.0: only a test injects a spike
+        if factor != 1.0:
+            total = total * factor
         if cp == 1:
             loss = total / mask.sum().clamp(min=1)
             # a copy: the schedule divides the returned loss in place by the number of micro-batches

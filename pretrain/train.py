@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pretrain import schedules, stages as stages_mod
+from pretrain import faults, schedules, stages as stages_mod, watchdog
 from pretrain.checkpoint import CheckpointManager, rng_state, set_rng_state
 from pretrain.config import Config
 from pretrain.faults import EXIT_DONE, EXIT_RESUME, StopFlag
+from pretrain.spikes import SpikeDetector
 from pretrain.metrics import Metrics, console_line, moe_layer_scalars, params_norm, peak_flops
 from pretrain.step import forward_step, per_chunk
 
@@ -50,12 +51,20 @@ class ExpertLoad:
                         for chunk in chunks for name, m in chunk.named_modules()
                         if hasattr(m, "expert_bias") and getattr(m, "local_tokens_per_expert", None) is not None]
         self.counts: list[torch.Tensor] = []
+        self.step_started = 0.0  # set by the loop at the start of each step
+        self.work_s = 0.0  # this rank's own work in the last step: until it joined the gradient all-reduce
 
     def finalize(self, *args, **kwargs):
         from megatron.core.distributed import finalize_model_grads
 
+        faults.inject("work", faults.step_now)
+        if self.device_sync:
+            torch.cuda.synchronize()  # the GPU's work is done, not just queued (logged steps only)
+        self.work_s = time.perf_counter() - self.step_started
         self.counts = [m.local_tokens_per_expert.detach().clone() for _, m in self.routers]
         return finalize_model_grads(*args, **kwargs)
+
+    device_sync = False
 
     def scalars(self) -> dict:
         """This pipeline stage's MoE layers (every layer once the stages are merged)."""
@@ -161,10 +170,14 @@ class Trainer:
         self.samples = 0
         self.skipped = 0
         self.stage_name = ""
-        self.loader = None
+        self.loader = self.iterator = self.batches = None
         self.loader_states: list | None = None  # every rank's loader state, to continue from
         self.saved_step = -1
         self._skips_seen = 0  # bad shards skipped, as last reported
+        self.spikes = SpikeDetector(cfg.faults.spike, run_dir, writer=self.rank == 0)
+        self.save_failures = 0
+        self.straggler = Stragglers(cfg.faults.straggler)
+        self.first_step = True  # of this launch or of a stage: the watchdog allows it more time
 
     # ---- state -----------------------------------------------------------------------------
 
@@ -177,6 +190,7 @@ class Trainer:
         from torch.distributed.checkpoint.api import CheckpointException
 
         from model.config import ConfigError
+        from pretrain.checkpoint import any_rank, describe_error
         from pretrain.checkpoint_io import CheckpointError, damaged_files
 
         tried = []
@@ -190,8 +204,8 @@ class Trainer:
             # checkpoint may load
             except (Exception, CheckpointException) as e:  # noqa: BLE001
                 damaged = damaged_files(path) if self.rank == 0 else []
-                error = _reason(e) + (f" (damaged: {', '.join(damaged)})" if damaged else "")
-            if not _any_rank(bool(error)):
+                error = describe_error(e) + (f" (damaged: {', '.join(damaged)})" if damaged else "")
+            if not any_rank(bool(error)):
                 if tried:
                     what = "; ".join(f"{p.name} ({why})" for p, why in tried)
                     log.error(f"resumed from {path.name} instead of the newer {what}; set aside as "
@@ -224,6 +238,7 @@ class Trainer:
             return
         self.step, self.tokens, self.samples = common["step"], common["tokens"], common["samples"]
         self.skipped, self.stage_name = common["skipped"], common["stage"]
+        self.spikes.load_state_dict(common.get("spike_detector"))
         # one loader state per data-parallel rank (tensor/expert-parallel peers share theirs)
         by_dp = {r["dp_rank"]: r["loader"] for r in ranks["all"]}
         self.loader_states = [by_dp[i] for i in sorted(by_dp)]
@@ -248,11 +263,32 @@ class Trainer:
         log.info(f"starting from the weights in {path} (from {meta.get('source', 'an import')}), fresh optimizer, "
                  f"at {self.tokens:,} tokens (stage {self.stages.at(self.tokens).name})")
 
-    def save(self) -> Path:
+    def save(self, required: bool = True) -> Path | None:
+        """Save this step (collective). A save that fails on any rank fails on every rank: with
+        faults.on_save_error=continue and not `required` (a periodic save), the run goes on and saves
+        again at the next interval; otherwise CheckpointSaveError (exit 4). None when it failed."""
+        from pretrain.checkpoint_io import CheckpointSaveError
+
+        watchdog.enter("checkpoint", self.step)
+        try:
+            return self._save()
+        except CheckpointSaveError as e:
+            self._save_failed(e, required)
+            return None
+
+    def _save_failed(self, e: Exception, required: bool) -> None:
+        self.save_failures += 1
+        self.metrics.text("checkpoint", f"step {self.step}: {e}", self.step)
+        if required or self.cfg.faults.on_save_error != "continue":
+            raise e
+        log.error(f"{e}; training goes on (faults.on_save_error=continue), the next save in "
+                  f"{self.cfg.train.save_every} steps")
+
+    def _save(self) -> Path:
         self.finish_saving(wait=True)  # one save in flight at most
         stage = self.stages.at(self.tokens)
         common = {"step": self.step, "tokens": self.tokens, "samples": self.samples, "skipped": self.skipped,
-                  "stage": self.stage_name}
+                  "stage": self.stage_name, "spike_detector": self.spikes.state_dict()}
         per_rank = {"loader": self.loader.state_dict() if self.loader else self.loader_states[self.dp_rank],
                     "dp_rank": self.dp_rank, "rng": rng_state()}
         meta = {**common, "next_stage": stage.name if stage else None, "world_size": dist.get_world_size(),
@@ -266,11 +302,20 @@ class Trainer:
             log.info(f"saving {path.name} in the background (training held {held:.1f} s)")
         return path
 
-    def finish_saving(self, wait: bool = False) -> None:
+    def finish_saving(self, wait: bool = False, required: bool = False) -> None:
         """Complete a background save whose writers are done (collective while one is in flight);
-        with `wait`, block until they are."""
+        with `wait`, block until they are. A failed one: as in `save`."""
+        from pretrain.checkpoint_io import CheckpointSaveError
+
         tick = time.perf_counter()
-        path = self.checkpoints.poll(wait)
+        if wait and self.checkpoints.pending is not None:
+            watchdog.enter("checkpoint", self.step)
+        try:
+            path = self.checkpoints.poll(wait)
+        except CheckpointSaveError as e:
+            self.saved_step = -1  # that step was not saved after all
+            self._save_failed(e, required)
+            return
         if path is not None:
             log.info(f"saved {path}" + (f" (waited {time.perf_counter() - tick:.1f} s)" if wait else ""))
 
@@ -311,7 +356,11 @@ class Trainer:
         self.loader = TokenLoader(data, self.cfg.train.micro_batch_size, rank=self.dp_rank, n_ranks=self.dp,
                                   model_vocab=self.cfg.model.vocab_size, states=self.loader_states,
                                   pin_memory=self.device.type == "cuda")
-        self.iterator = per_chunk(iter(self.loader), len(self.chunks))
+        self.batches = watchdog.beating(iter(self.loader))
+        self.iterator = per_chunk(self.batches, len(self.chunks))
+        if stage.name != self.stage_name:
+            self.spikes.reset()  # another loss level
+            self.first_step = True
         values = stages_mod.settings(self.stages, stage, self.cfg.model)
         for chunk in self.chunks:
             stages_mod.apply(values, chunk)
@@ -338,7 +387,7 @@ class Trainer:
                           f"{new.describe(world)}", self.step)
         if self.saved_step != self.step:
             self.save()
-        self.finish_saving(wait=True)
+        self.finish_saving(wait=True, required=True)
         return EXIT_RESUME
 
     def data_skips(self) -> dict:
@@ -361,16 +410,63 @@ class Trainer:
     # ---- the loop --------------------------------------------------------------------------
 
     def train_step(self, n_micro: int, lr: float):
+        """One step: forward and backward over n_micro micro-batches, then the optimizer, unless the
+        loss is a spike (pretrain/spikes.py): then nothing changes. Returns (loss, step info, the
+        median a spike was compared with, or None)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from optim.optimizer import StepInfo
+        from pretrain.checkpoint import any_rank
 
         for d in self.ddp:
             d.zero_grad_buffer()
+        # the expert biases move inside the schedule (finalize_model_grads), before the loss is known
+        biases = [m.expert_bias.detach().clone() for _, m in self.load.routers] if self.spikes.enabled else []
         losses = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=self.iterator, model=self.ddp,
             num_microbatches=n_micro, seq_length=self.seq_length,
             micro_batch_size=self.cfg.train.micro_batch_size, forward_only=False)
-        info = self.optimizer.step(lr)
-        return _reduced_mean([x["lm loss"] for x in losses], self.device), info
+        loss = _reduced_mean([x["lm loss"] for x in losses], self.device)
+        spike, median = self.spikes.is_spike(loss)
+        if self.spikes.enabled and any_rank(spike):  # the same loss everywhere; agreed all the same
+            with torch.no_grad():
+                for (_, m), b in zip(self.load.routers, biases):
+                    m.expert_bias.copy_(b)
+            return loss, StepInfo(float("nan"), 0.0, True), median
+        return loss, self.optimizer.step(lr), None
+
+    def on_spike(self, loss: float, median: float) -> bool:
+        """After the spike step was logged: record it; under `rewind`, go back to the newest
+        checkpoint and leave out the batches from there to here (True)."""
+        policy, step = self.cfg.faults.spike.policy, self.step
+        self.finish_saving(wait=True)
+        latest = self.checkpoints.latest() if policy == "rewind" else None
+        back = latest is not None and self.saved_step >= 0
+        first = self.saved_step + 1 if back else step
+        steps = list(range(first, step + 1))
+        what = (f"rewinding to {latest.name} and leaving out the batches of steps {first}-{step}" if back else
+                f"step {step} changed nothing and its batch is left out" +
+                (" (no checkpoint to rewind to yet)" if policy == "rewind" else ""))
+        msg = (f"loss spike at step {step}: {loss:.4f} > {self.cfg.faults.spike.factor} x the median {median:.4f} "
+               f"of the last {self.cfg.faults.spike.window} steps: {what} (recorded in {self.spikes.path})")
+        log.warning(msg)
+        self.metrics.text("loss spike", msg, step)
+        self.spikes.add(step, steps, loss, median, policy if back else "skip")
+        if back:
+            self._resume_from(latest)
+            self.close_loader()
+        return back
+
+    def close_loader(self) -> None:
+        """Stop the loader (its workers end); the loop starts it again from `loader_states`."""
+        if self.batches is not None:
+            self.batches.close()
+        self.loader = self.iterator = self.batches = None
+
+    def leave_out(self, n_micro: int) -> None:
+        """Draw one step's micro-batches from the loader and drop them (a recorded spike's batch)."""
+        for _ in range(n_micro):
+            next(self.batches)
 
     @torch.no_grad()
     def validate(self, stage: stages_mod.Stage) -> dict:
@@ -415,7 +511,7 @@ class Trainer:
                 if stage is None or (t.max_steps and self.step >= t.max_steps):
                     if self.saved_step != self.step:
                         self.save()
-                    self.finish_saving(wait=True)
+                    self.finish_saving(wait=True, required=True)
                     log.info(f"done: step {self.step}, {self.tokens:,} tokens")
                     return EXIT_DONE
                 if self.loader is None or stage.name != self.stage_name:
@@ -427,15 +523,28 @@ class Trainer:
                 seqs = schedules.batch_sequences(self.tokens, t.batch_start_tokens, t.global_batch_tokens,
                                                  t.batch_ramp_tokens, self.seq_length, granule)
                 lr = schedules.learning_rate(self.tokens, cfg.optim.lr, t.lr_min, t.lr_warmup_tokens, total)
-                tick = time.perf_counter()
-                loss, info = self.train_step(seqs // granule, lr)
+                logged = (self.step + 1) % t.log_every == 0
+                watchdog.enter("step", self.step + 1, first=self.first_step)
+                faults.inject("step", self.step + 1)
+                tick = self.load.step_started = time.perf_counter()
+                left_out = self.step + 1 in self.spikes.skip_steps
+                if left_out:  # recorded as a spike's batch (by this run, or by the one it resumes)
+                    self.leave_out(seqs // granule)
+                else:
+                    self.load.device_sync = logged and self.device.type == "cuda"
+                    loss, info, spike_median = self.train_step(seqs // granule, lr)
                 elapsed = time.perf_counter() - tick
+                self.first_step = False
                 batch_tokens = seqs * self.seq_length
                 self.step += 1
                 self.tokens += batch_tokens
                 self.samples += seqs
+                if left_out:
+                    log.info(f"step {self.step:>6} [{stage.name}] left out: its batch is recorded in "
+                             f"{self.spikes.path}")
+                    continue
                 self.skipped += int(info.skipped)
-                if self.step % t.log_every == 0:
+                if logged:
                     flops = train_flops_per_token(cfg.model, self.seq_length) * batch_tokens
                     world = dist.get_world_size()
                     s = {"lm loss": loss, **_over_stages({**_aux_scalars(cfg.model, seqs // granule, self.device),
@@ -445,6 +554,9 @@ class Trainer:
                          "throughput": flops / elapsed / world / 1e12,
                          "tokens-per-second": batch_tokens / elapsed, "consumed-tokens": self.tokens,
                          "stage": stage.index, "skipped-iterations": self.skipped, **self.data_skips(),
+                         "loss-spikes": len(self.spikes.spikes) + (spike_median is not None),
+                         "checkpoint-save-failures": self.save_failures,
+                         **self.straggler.scalars(self.load.work_s, self.step),
                          "mfu": flops / elapsed / world / self.peak if self.peak else None}
                     if self.device.type == "cuda":
                         s["mem-allocated-bytes"] = torch.cuda.memory_allocated()
@@ -453,46 +565,67 @@ class Trainer:
                     rate = (self.tokens - start_tokens) / max(time.monotonic() - started, 1e-9)
                     log.info(console_line(self.step, stage.name, s, max(0.0, stage.end_tokens - self.tokens) / rate,
                                           max(0.0, total - self.tokens) / rate))
+                if spike_median is not None and self.on_spike(loss, spike_median):
+                    continue  # rewound: the step and the loader are the checkpoint's
                 if t.eval_every and self.step % t.eval_every == 0:
+                    watchdog.enter("validation", self.step)
                     v = self.validate(stage)
                     self.metrics.write(v, self.step, self.tokens)
                     log.info(f"step {self.step:>6} [{stage.name}] validation: lm loss {v['lm loss validation']:.4f}, "
                              f"ppl {v['validation ppl']:.2f}")
                 self.finish_saving()
                 if t.save_every and self.step % t.save_every == 0:
-                    self.save()
+                    self.save(required=False)
                 if stop.should_stop():
                     log.warning(f"stopping early ({stop.reason}): saving step {self.step}")
                     if self.saved_step != self.step:
                         self.save()
-                    self.finish_saving(wait=True)
+                    self.finish_saving(wait=True, required=True)
                     return EXIT_RESUME
         finally:
             stop.restore()
             self.metrics.close()
 
 
-def _reason(e: BaseException) -> str:
-    """One line for an error: its type and message; for torch DCP's CheckpointException, which
-    wraps each failing rank's exception, the first of those."""
-    inner = getattr(e, "failures", None)
-    if isinstance(inner, dict) and inner:
-        rank, failure = next(iter(inner.items()))  # (exception, traceback summary)
-        e = failure[0] if isinstance(failure, tuple) else failure
-        prefix = f"rank {rank}: "
-    else:
-        prefix = ""
-    text = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-    return f"{prefix}{type(e).__name__}" + (f": {text}" if text else "")
+class Stragglers:
+    """Each logged step: every rank's own work (pretrain/train.py ExpertLoad: from the step's start
+    until it joins the gradient all-reduce; a rank that waits for a slow peer inside the pipeline or
+    tensor/expert-parallel collectives before that counts as slow too) against the median of the ranks
+    of its pipeline stage, which do the same work. TensorBoard: the slowest rank and its ratio; the
+    console names a rank that stays slowest by more than `factor` for `steps` logged steps."""
 
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.slowest, self.in_a_row = -1, 0
 
-def _any_rank(flag: bool) -> bool:
-    """True on every rank if it is true on any (collective)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    def scalars(self, work_s: float, step: int) -> dict:
+        from megatron.core import parallel_state as ps
+
+        world = dist.get_world_size()
+        if world == 1:
+            return {}
+        mine = torch.tensor([work_s, float(ps.get_pipeline_model_parallel_rank())], dtype=torch.float64)
+        every = [torch.zeros_like(mine) for _ in range(world)]
+        if dist.get_backend() == "nccl":
+            mine, every = mine.cuda(), [e.cuda() for e in every]
+        dist.all_gather(every, mine)
+        work = torch.stack(every).cpu()
+        ratios = torch.empty(world, dtype=torch.float64)
+        for stage in work[:, 1].unique():
+            peers = work[:, 1] == stage
+            ratios[peers] = work[peers, 0] / work[peers, 0].median().clamp(min=1e-9)
+        slowest = int(ratios.argmax())
+        ratio = float(ratios[slowest])
+        if ratio > self.cfg.factor:
+            self.in_a_row = self.in_a_row + 1 if slowest == self.slowest else 1
+            self.slowest = slowest
+            if self.in_a_row == self.cfg.steps or (self.in_a_row > self.cfg.steps and self.in_a_row % 100 == 0):
+                log.warning(f"straggler: rank {slowest} has been the slowest for {self.in_a_row} logged steps: its own "
+                            f"work took {work[slowest, 0]:.3f} s at step {step}, {ratio:.1f}x the median of its pipeline "
+                            f"stage's ranks (faults.straggler.factor={self.cfg.factor}); every rank waits for it")
+        else:
+            self.slowest, self.in_a_row = -1, 0
+        return {"straggler/slowest-rank": slowest, "straggler/slowest-over-median": ratio}
 
 
 def _over_stages(scalars: dict) -> dict:
@@ -593,7 +726,9 @@ def train(cfg: Config) -> int:
     run_dir = Path(cfg.run.dir)
     stage = stage_to_resume(run_dir)  # the layout is the stage's: decided before any process group starts
     cfg.parallel = cfg.layout_of(stage)
-    init_distributed(cfg.parallel, seed=cfg.train.seed)
+    # the process groups' own timeout is a backstop behind the watchdog's (pretrain/watchdog.py)
+    init_distributed(cfg.parallel, seed=cfg.train.seed,
+                     timeout_s=int(watchdog.backstop_s(cfg.faults.watchdog, run_dir)))
     try:
         trainer = Trainer(cfg, run_dir)
         if trainer.rank == 0:
@@ -607,6 +742,7 @@ def train(cfg: Config) -> int:
         if not trainer.resume() and trainer.rank == 0:
             log.info("starting from scratch (no checkpoint in this run directory)")
         code = trainer.run()
+        watchdog.enter("shutdown", trainer.step)
         if code == EXIT_RESUME and trainer.rank == 0:
             log.warning(f"stopped at step {trainer.step}, checkpoint {trainer.checkpoints.latest()} saved: start the "
                         f"same command again to resume (exit {EXIT_RESUME}; torchrun reports it as a failed worker)")

@@ -10,8 +10,10 @@
 #   PYTHON           interpreter inside the job (default: the repository's .venv/bin/python, which
 #                    `make smoke` / `make test` set up, when it exists and no CONTAINER_IMAGE is given;
 #                    else python3)
-#   MAX_FAILURES     requeues after a failed run before giving up (default 2); a preemption, a time
-#                    limit or a stage with its own layout (exit 75 after a checkpoint) always requeues
+#   MAX_FAILURES     requeues after a failed run (an error, a hang or a dead rank: exit 76) without a new
+#                    checkpoint in between before giving up (default 2); a preemption, a time limit or a
+#                    stage with its own layout (exit 75 after a checkpoint) always requeues; a bad config
+#                    (2), an unstable run (3) or a failed save (4) never does
 #   WAIT_S           seconds the other ranks get after the first one exits (default 120)
 #   DRY_RUN=1        print the srun command line, the environment and the resolved config, launch nothing
 #
@@ -130,10 +132,18 @@ glm_after_run() {  # what the job does once its run ended: finish, requeue, or g
         scontrol requeue "$SLURM_JOB_ID"
         return 0
     fi
-    if [[ $code == 2 ]]; then
-        echo "bad config or bad data (exit 2): not requeued; see the log above" >&2
-        return 2
-    fi
+    case $code in  # the stops that a restart would only meet again: a person must look (README: Faults)
+        2) echo "bad config or data, or no checkpoint that loads (exit 2): not requeued; see the log above" >&2
+           return 2 ;;
+        3) echo "training is unstable (exit 3: too many loss spikes or non-finite steps): not requeued;" \
+                "the log names the steps, $run_dir/skipped_batches.json the batches left out" >&2
+           return 3 ;;
+        4) echo "a checkpoint could not be written (exit 4: a full disk, an I/O error): not requeued;" \
+                "\`latest\` still names the last good one; free space and submit again" >&2
+           return 4 ;;
+        76) echo "the watchdog ended the run (exit 76): a rank hung or died; $run_dir/log.txt names it," \
+                 "$run_dir/watchdog/ holds every rank's stacks" >&2 ;;
+    esac
     # failures in a row without a new checkpoint in between: a run that keeps failing at the same
     # place stops; one that fails now and then but moves on does not
     local latest failures=1 seen="" count=0

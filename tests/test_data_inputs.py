@@ -120,6 +120,29 @@ def test_zstd_cut_at_a_line_boundary_is_detected_and_every_frame_is_read(tokeniz
             run(tokenizer, [tmp_path / "c.jsonl.zst"], tmp_path / "o3")
 
 
+def test_a_cut_zstd_input_ends_the_cli_cleanly_with_the_shard_being_written_closed(tokenizer, tmp_path):
+    """The error arrives while a shard is being written: the CLI says what is wrong and exits 2, and
+    nothing more (before: the open shard's tar stream wrote into its closed file at exit, 'Exception
+    ignored in: <function _Stream.__del__> ... ValueError: write to closed file')."""
+    import subprocess
+    import sys
+
+    c = zstandard.ZstdCompressor()
+    text = "".join(json.dumps({"text": f"document {i} " + "lorem ipsum dolor sit amet " * 50}) + "\n"
+                   for i in range(2000))
+    lines = text.splitlines(keepends=True)
+    frames = [c.compress("".join(lines[i:i + 200]).encode()) for i in range(0, 2000, 200)]
+    data = b"".join(frames)
+    (tmp_path / "cut.jsonl.zst").write_bytes(data[: len(data) * 2 // 3])
+    p = subprocess.run([sys.executable, "-m", "data.cli", "prepare", str(tmp_path / "cut.jsonl.zst"), "-o",
+                        str(tmp_path / "out"), "--tokenizer", tokenizer, "--shard-tokens", "100000000"],
+                       capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "cut.jsonl.zst: damaged or truncated compressed data after line" in p.stderr
+    assert "Exception ignored" not in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert no_stray_files(tmp_path, tmp_path / "out")
+
+
 # ---- 6: the smaller ones ------------------------------------------------------------------------
 
 def test_json_errors_keep_line_and_column(tokenizer, tmp_path):

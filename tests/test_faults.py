@@ -1,0 +1,334 @@
+"""Faults of long runs, injected for real into runs of the tiny experiment: a stopped rank, a stopped
+DataLoader worker, a rank stuck in C holding the GIL, a rank killed in the middle of a collective
+(the watchdog, pretrain/watchdog.py); a straggler; loss spikes (pretrain/spikes.py); a save into a
+full disk (pretrain/checkpoint.py). Timeouts are fixed in seconds here (faults.watchdog.*_s), not
+calibrated. The hang under the real Slurm, requeued and resumed, is in tests/test_slurm.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.faults import EXIT_HUNG, EXIT_SAVE_FAILED, EXIT_UNSTABLE, TEST_FAULTS_ENV
+from pretrain.parallel import free_port
+from pretrain.watchdog import HEARTBEAT_ENV, descendants
+from tests.test_train import ROOT, _env, final_model, scalars
+
+pytestmark = pytest.mark.xdist_group("faults")
+
+# a step, a validation or a save of the tiny model takes well under a second (the first step ~2 s);
+# 12 s leaves room for a loaded 2-core machine
+WATCH = [f"faults.watchdog.{section}_s=12" for section in ("step", "validation", "checkpoint")] + [
+    "faults.watchdog.first_s=120", "faults.watchdog.poll_s=1", "faults.watchdog.grace_s=10"]
+BOUND_S = 12 + 1 + 10 + 20  # the timeout, a poll, the reports' grace, stack dumps and torchrun's own ending
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    from tests.data_helpers import tiny_corpus
+
+    return tiny_corpus(tmp_path_factory.mktemp("data"))
+
+
+def _command(run_dir: Path, *overrides: str, nproc: int) -> list[str]:
+    launch = [sys.executable, "-m", "pretrain"] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
+         "-m", "pretrain"]
+    return [*launch, "experiment=tiny", f"run.dir={run_dir}", *overrides]
+
+
+def _start(data_root, run_dir, *overrides, nproc=2, faults="") -> subprocess.Popen:
+    env = {**_env(data_root), TEST_FAULTS_ENV: faults}
+    return subprocess.Popen(_command(run_dir, *overrides, nproc=nproc), env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _finish(p: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)  # whatever is left (asserted empty by the tests that care)
+        except ProcessLookupError:
+            pass
+    return p.returncode, out
+
+
+def _run(data_root, run_dir, *overrides, nproc=1, faults="", expect=0) -> str:
+    code, out = _finish(_start(data_root, run_dir, *overrides, nproc=nproc, faults=faults))
+    assert code == expect, f"exit {code}\n{out[-4000:]}"
+    return out
+
+
+def _processes_of(run_dir: Path) -> list[int]:
+    """Every process of a run: launcher, supervisors, training processes, loader workers, writers."""
+    mark = f"run.dir={run_dir}".encode()
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if mark in Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0"):
+                    out.append(int(entry))
+            except OSError:
+                pass
+    return out
+
+
+def _training_process(run_dir: Path, rank: int) -> int:
+    for pid in _processes_of(run_dir):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(v.startswith(HEARTBEAT_ENV.encode() + b"=") for v in env) and f"RANK={rank}".encode() in env:
+            return pid
+    raise AssertionError(f"no training process of rank {rank} for {run_dir}")
+
+
+def _hang(data_root, run_dir, *overrides, at_step: int, act, nproc=2, faults="") -> tuple[int, str, float]:
+    """Start a run, call `act()` once step `at_step` is logged; returns (exit code, output, seconds from
+    the act to the end of the whole job)."""
+    p = _start(data_root, run_dir, "train.max_steps=27", *WATCH, *overrides, nproc=nproc, faults=faults)
+    lines, acted = [], None
+    for line in p.stdout:
+        lines.append(line)
+        if acted is None and f"step {at_step:>6} " in line:
+            act()
+            acted = time.monotonic()
+    code, rest = _finish(p, timeout=BOUND_S * 3)
+    return code, "".join(lines) + rest, time.monotonic() - (acted or time.monotonic())
+
+
+def _assert_ended_naming(run_dir: Path, out: str, pattern: str, elapsed: float, ranks=(0, 1)) -> str:
+    log = (run_dir / "log.txt").read_text()
+    assert re.search(pattern, log), log[-3000:] + out[-3000:]
+    assert re.search(pattern, out)  # the console too
+    assert elapsed < BOUND_S, f"the job took {elapsed:.0f} s to end after the fault (bound {BOUND_S} s)"
+    launches = list((run_dir / "watchdog").glob("launch-*"))
+    assert len(launches) == 1
+    for rank in ranks:  # every rank's stacks (its threads, its workers)
+        stacks = (launches[0] / f"stacks-rank-{rank}.txt").read_text()
+        assert "==== training process" in stacks and 'File "' in stacks, stacks[:2000]
+    assert _processes_of(run_dir) == [], "processes left behind"
+    return (launches[0] / "stacks-rank-1.txt").read_text() if 1 in ranks else ""
+
+
+# ---- hangs and dead ranks ----------------------------------------------------------------------
+
+def test_a_stopped_rank_ends_the_job_naming_it_with_every_ranks_stacks(data_root, tmp_path):
+    """SIGSTOP to rank 1's training process at a random step, from outside (as the OS or a debugger
+    would): before the watchdog the job hung for good, silently."""
+    run_dir = tmp_path / "run"
+    at = random.Random().randint(3, 12)
+    code, out, elapsed = _hang(data_root, run_dir, at_step=at,
+                               act=lambda: os.kill(_training_process(run_dir, 1), signal.SIGSTOP))
+    assert code != 0
+    _assert_ended_naming(run_dir, out, r"watchdog: rank 1 is stopped \(training process in state T\) in step \d+ "
+                         r"\(step", elapsed)
+    assert re.search(r"exitcode\s*: 76", out)  # torchrun's summary gives each worker's exit code
+
+
+def test_a_stopped_dataloader_worker_ends_the_job_naming_its_rank(data_root, tmp_path):
+    """A hung file-system read stands behind this one: training goes on from prefetched batches, then
+    rank 1 waits for its loader for good; the watchdog says so."""
+    run_dir = tmp_path / "run"
+
+    def stop_worker():
+        workers = descendants(_training_process(run_dir, 1))
+        assert workers
+        os.kill(workers[0], signal.SIGSTOP)
+
+    code, out, elapsed = _hang(data_root, run_dir, "data.num_workers=1", at_step=3, act=stop_worker)
+    assert code != 0
+    stacks = _assert_ended_naming(run_dir, out, r"rank 1 is stopped \(its child \d+ in state T\) in step \d+ "
+                                  r"\(step, micro-batch \d+, waiting for a batch from its loader\)", elapsed)
+    assert stacks.count("==== ") >= 2 and "state T" in stacks  # the training process and its worker
+
+
+@pytest.mark.parametrize("fault, pattern", [
+    # ctypes.PyDLL keeps the GIL through the C call: no thread of the process could run a watchdog
+    ("hold_gil@rank=1,step=5", r"rank 1 did not arrive: it is in step 5 \(step\) since \d+ s; the others got to "
+                               r"step 5 \(step, micro-batch \d"),
+    # rank 0 is in the gradient all-reduce of step 5, waiting for rank 1, when rank 1 dies
+    ("kill@rank=1,step=5", r"rank 1 died \(signal SIGKILL\) in step 5 \(step, micro-batch \d+\)"),
+], ids=["gil_held_in_c", "killed_in_a_collective"])
+def test_a_rank_stuck_in_c_or_killed_ends_the_job_naming_it(data_root, tmp_path, fault, pattern):
+    run_dir = tmp_path / "run"
+    code, out, elapsed = _hang(data_root, run_dir, at_step=4, act=lambda: None, faults=fault)
+    assert code != 0
+    # (a rank that died has no stacks to read; rank 0 may be on its way out of gloo's error by then)
+    stacks = _assert_ended_naming(run_dir, out, pattern, elapsed, ranks=(0, 1) if "hold" in fault else ())
+    if "hold" in fault:  # its stack was read where it is stuck, in the middle of the C call
+        assert re.search(r'faults.py", line \d+ in inject', stacks), stacks[:3000]
+    else:
+        assert (next((run_dir / "watchdog").glob("launch-*")) / "report-rank-1.json").is_file()
+
+
+def test_a_single_process_run_that_stops_ends_with_the_watchdogs_exit_code(data_root, tmp_path):
+    run_dir = tmp_path / "run"
+    code, out, elapsed = _hang(data_root, run_dir, at_step=3, nproc=1, faults="stop@step=5", act=lambda: None)
+    assert code == EXIT_HUNG, out[-3000:]
+    _assert_ended_naming(run_dir, out, r"rank 0 is stopped \(training process in state T\) in step 5", elapsed,
+                         ranks=(0,))
+
+
+def test_timeouts_are_calibrated_saved_and_give_the_process_groups_backstop(data_root, tmp_path):
+    """Without fixed timeouts: the longest step and save seen are saved in run.dir, a restart reads
+    them back, and the process group's timeout is twice the longest timeout."""
+    from pretrain.config import WatchdogConfig
+    from pretrain.watchdog import backstop_s, load_longest, timeout_for
+
+    run_dir = tmp_path / "run"
+    _run(data_root, run_dir, "train.max_steps=6", "train.save_every=2")
+    longest = load_longest(run_dir)
+    assert set(longest) == {"step", "checkpoint"} and all(0 < v < 30 for v in longest.values())
+    cfg = WatchdogConfig(factor=4.0, floor_s=0.0, first_s=50.0)
+    assert timeout_for(cfg, "step", longest, first=False) == pytest.approx(4 * longest["step"])
+    assert timeout_for(cfg, "step", longest, first=True) == 50.0  # the first step of a launch or a stage
+    assert timeout_for(cfg, "validation", longest, first=False) == 50.0  # never seen
+    assert timeout_for(WatchdogConfig(step_s=7), "step", longest, first=True) == 7.0
+    assert backstop_s(WatchdogConfig(), run_dir) == 2 * 1800
+
+
+# ---- stragglers ------------------------------------------------------------------------------
+
+def test_a_straggler_is_named_on_the_console_and_in_tensorboard_and_the_run_finishes(data_root, tmp_path):
+    run_dir = tmp_path / "run"
+    out = _run(data_root, run_dir, "train.max_steps=10", nproc=2, faults="slow@rank=1,step=3,until=8,seconds=0.5")
+    assert re.search(r"straggler: rank 1 has been the slowest for 3 logged steps: its own work took [\d.]+ s at "
+                     r"step 5, [\d.]+x the median", out), out[-3000:]
+    s = scalars(run_dir)
+    assert all(s["straggler/slowest-rank"][step] == 1 for step in range(3, 9))
+    assert all(s["straggler/slowest-over-median"][step] > 3 for step in range(3, 9))
+    assert "done: step 10" in out
+
+
+# ---- loss spikes -------------------------------------------------------------------------------
+
+SPIKES = ["faults.spike.window=5", "faults.spike.factor=3", "train.keep_last=0"]
+
+
+def _model_state(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    ckpts = run_dir / "checkpoints"
+    (ckpts / "latest").write_text(f"step-{step:08d}\n")
+    return final_model(run_dir)
+
+
+def test_a_skipped_spike_changes_nothing_and_a_requeue_leaves_out_the_same_batch(data_root, tmp_path):
+    """An injected x100 loss at step 8: parameters, expert biases and optimizer state after it equal
+    those before; a run resumed from step 7 (a requeue) leaves out step 8's batch by the record and
+    ends exactly where the run that met the spike ends."""
+    run_dir = tmp_path / "run"
+    out = _run(data_root, run_dir, "train.max_steps=10", "train.save_every=1", *SPIKES, faults="spike@step=8")
+    assert re.search(r"loss spike at step 8: [\d.]+ > 3.0 x the median [\d.]+ of the last 5 steps: step 8 changed "
+                     r"nothing", out), out[-3000:]
+    record = json.loads((run_dir / "skipped_batches.json").read_text())
+    assert record["skip"] == [8] and record["spikes"][0]["policy"] == "skip"
+    s = scalars(run_dir)
+    assert s["loss-spikes"][7] == 0 and s["loss-spikes"][8] == 1 and s["loss-spikes"][10] == 1
+    assert s["lm loss"][8] > 50  # logged as it was
+    end = final_model(run_dir)
+    before, after = _model_state(run_dir, 7), _model_state(run_dir, 8)
+    assert before.keys() == after.keys() and any("expert_bias" in k for k in before)
+    assert any(k.startswith("optimizer.") for k in before)
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+
+    requeued = tmp_path / "requeued"  # the same run directory as it was at step 7
+    shutil.copytree(run_dir, requeued, ignore=shutil.ignore_patterns("tensorboard", "step-0000000[89]",
+                                                                      "step-00000010", "final.pt"))
+    (requeued / "checkpoints" / "latest").write_text("step-00000007\n")
+    out = _run(data_root, requeued, "train.max_steps=10", "train.save_every=1", *SPIKES)
+    assert "step      8 [general] left out: its batch is recorded in" in out
+    got = final_model(requeued)
+    for k in end:
+        assert torch.equal(end[k], got[k]), k
+
+
+def test_rewind_goes_back_to_the_checkpoint_and_leaves_out_the_batches_up_to_the_spike(data_root, tmp_path):
+    run_dir = tmp_path / "run"
+    out = _run(data_root, run_dir, "train.max_steps=10", "train.save_every=3", "faults.spike.policy=rewind",
+               *SPIKES, faults="spike@step=8")
+    assert "rewinding to step-00000006 and leaving out the batches of steps 7-8" in out, out[-3000:]
+    assert json.loads((run_dir / "skipped_batches.json").read_text())["skip"] == [7, 8]
+    # the reference: a clean run told to leave out the same batches from the start
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    (ref / "skipped_batches.json").write_text(json.dumps({"skip": [7, 8], "spikes": []}))
+    _run(data_root, ref, "train.max_steps=10", "train.save_every=3", *SPIKES)
+    want, got = final_model(ref), final_model(run_dir)
+    assert want.keys() == got.keys() and want
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    s_want, s_got = scalars(ref), scalars(run_dir)
+    assert [s_got["lm loss"][i] for i in (9, 10)] == [s_want["lm loss"][i] for i in (9, 10)]
+
+
+def test_a_clean_run_meets_no_spike_and_repeated_spikes_stop_the_run(data_root, tmp_path):
+    out = _run(data_root, tmp_path / "clean", *SPIKES)  # both stages, through the switch and the ramp
+    assert "loss spike" not in out and max(scalars(tmp_path / "clean")["loss-spikes"].values()) == 0
+    out = _run(data_root, tmp_path / "spiky", "train.max_steps=12", "faults.spike.max_spikes=2", *SPIKES,
+               faults="spike@step=8;spike@step=10", expect=EXIT_UNSTABLE)
+    assert "2 loss spikes within 1000 steps (steps 8, 10; faults.spike.max_spikes=2): stopping" in out
+
+
+# ---- saves that fail ---------------------------------------------------------------------------
+
+def _small_disk(path: Path, size: str) -> bool:
+    """A size-limited tmpfs at `path` (root only); False where mounting is refused."""
+    path.mkdir(parents=True)
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def test_a_save_into_a_full_disk_stops_the_run_with_latest_on_the_last_good_checkpoint(data_root, tmp_path):
+    """Two ranks; checkpoints on a 5 MB tmpfs where one tiny checkpoint (3.3 MB) fits and a second does
+    not (or ENOSPC injected on rank 1 where the mount is refused): the save of step 4 fails, every rank
+    knows it, none is left waiting, `latest` stays on step 2, no partial directory is left."""
+    run_dir = tmp_path / "run"
+    ckpts = run_dir / "checkpoints"
+    mounted = _small_disk(ckpts, "5m")
+    try:
+        code, out = _finish(_start(data_root, run_dir, "train.max_steps=8", "train.save_every=2", *WATCH,
+                                   faults="" if mounted else "enospc@rank=1,step=4"), timeout=300)
+        assert code != 0, out[-3000:]
+        assert re.search(r"exitcode\s*: %d" % EXIT_SAVE_FAILED, out), out[-3000:]  # each worker's, as torchrun gives
+        # the writer's error (ENOSPC, or torch's zip writer's "unexpected pos" when a write came up short),
+        # then the free space, which says why
+        assert re.search(rf"glm-pretrain: cannot save {ckpts / 'step-00000004'}: rank \d: \w+Error: .+; "
+                         r"[\d.]+ \w?B free of [\d.]+ \w?B on its file system \(partial save included\); `latest` "
+                         r"still names step-00000002 and the partial .tmp-step-00000004 was removed", out), out[-3000:]
+        assert mounted or "No space left on device" in out
+        assert (ckpts / "latest").read_text().strip() == "step-00000002"
+        assert sorted(p.name for p in ckpts.iterdir() if p.name != "lost+found") == ["latest", "step-00000002"]
+        assert _processes_of(run_dir) == []
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(ckpts)])
+
+
+def test_a_failed_background_save_can_let_training_go_on(data_root, tmp_path):
+    """faults.on_save_error=continue: the asynchronous save of step 4 fails on rank 1 (injected
+    ENOSPC in its writer process); the run says so, trains on, saves step 6 and ends with exit 0."""
+    run_dir = tmp_path / "run"
+    out = _run(data_root, run_dir, "train.max_steps=6", "train.save_every=2", "train.async_save=true",
+               "faults.on_save_error=continue", *WATCH, nproc=2, faults="enospc@rank=1,step=4")
+    assert re.search(r"cannot save \S+step-00000004: rank 1: .*No space left on device.*training goes on "
+                     r"\(faults.on_save_error=continue\)", out), out[-3000:]
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step-00000006"
+    assert not list(ckpts.glob(".tmp-*")) and not (ckpts / "step-00000004").exists()
+    assert scalars(run_dir)["checkpoint-save-failures"][6] == 1
