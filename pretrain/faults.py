@@ -83,7 +83,6 @@ class StopFlag:
 # run misbehave at a given point, for the tests of the code above and of the watchdog. Unset (every
 # real run), `inject` and `loss_factor` return at once. Kinds:
 #   stop        the rank stops itself (SIGSTOP) at the start of step S
-#   stop_worker the rank stops one of its DataLoader worker processes at the start of step S
 #   hold_gil    the rank blocks in C while holding the GIL (ctypes.PyDLL's sleep) at step S
 #   kill        the rank kills itself (SIGKILL) where it would join the gradient all-reduce of step S
 #   slow        the rank sleeps `seconds` in its own work of steps S..until
@@ -131,17 +130,11 @@ def inject(point: str, step: int) -> None:
     global step_now
     step_now = step
     rank = dist.get_rank() if dist.is_initialized() else 0
-    kinds = {"step": ("stop", "stop_worker", "hold_gil"), "work": ("kill", "slow")}[point]
+    kinds = {"step": ("stop", "hold_gil"), "work": ("kill", "slow")}[point]
     for f in _active(kinds, step, rank):
         kind = f["kind"]
         if kind == "stop":
             os.kill(os.getpid(), signal.SIGSTOP)
-        elif kind == "stop_worker":
-            from pretrain.watchdog import descendants
-
-            workers = descendants(os.getpid())
-            assert workers, "stop_worker: this rank has no DataLoader worker (set data.num_workers)"
-            os.kill(workers[0], signal.SIGSTOP)
         elif kind == "hold_gil":
             import ctypes
 

@@ -171,8 +171,10 @@ def test_a_rank_stuck_in_c_or_killed_ends_the_job_naming_it(data_root, tmp_path,
     stacks = _assert_ended_naming(run_dir, out, pattern, elapsed, ranks=(0, 1) if "hold" in fault else ())
     if "hold" in fault:  # its stack was read where it is stuck, in the middle of the C call
         assert re.search(r'faults.py", line \d+ in inject', stacks), stacks[:3000]
-    else:
+    else:  # the dead rank's supervisor gives its child's signal as 128+9; rank 0 ends with 76, or 1 when
+        # gloo reported the lost peer before the abort mark was seen
         assert (next((run_dir / "watchdog").glob("launch-*")) / "report-rank-1.json").is_file()
+        assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s*exitcode\s*: 137", out), out[-3000:]
 
 
 def test_a_single_process_run_that_stops_ends_with_the_watchdogs_exit_code(data_root, tmp_path):

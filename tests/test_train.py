@@ -381,12 +381,12 @@ def test_non_finite_losses_skip_steps_then_stop_the_run(world1, data_root, monke
 
     def train_step(self, n_micro, lr):
         before = {k: v.clone() for k, v in gather_whole(self.chunks).items()}
-        loss, info = type(self).train_step.__wrapped__(self, n_micro, lr)
+        loss, info, spike = type(self).train_step.__wrapped__(self, n_micro, lr)
         seen.append(info.skipped)
         after = gather_whole(self.chunks)
         assert lr == 0 or info.skipped == all(torch.equal(before[k], after[k]) for k in before
                                    if not k.endswith(("expert_bias", "local_tokens_per_expert")))
-        return loss, info
+        return loss, info, spike
 
     train_step.__wrapped__ = train_mod.Trainer.train_step
     monkeypatch.setattr(train_mod, "forward_step", forward_step)
@@ -711,7 +711,9 @@ def test_checkpoints_move_between_context_pipeline_and_single_process_layouts(un
     out = _run(data_root, run_dir, "parallel.context=2", nproc=2)
     assert "step-00000021" in out and f"done: step {TINY_STEPS}," in out
     want, got = scalars(ref_dir), scalars(run_dir)
-    assert got.keys() == want.keys()
+    # every scalar of the one-process run; with more than one rank, the stragglers' too (not at
+    # every step: the one-process part of this run has none)
+    assert {k for k in got if not k.startswith("straggler/")} == want.keys()
     for name in want:  # every scalar at every step
         assert got[name].keys() == want[name].keys(), name
     for name in ("lm loss", "mtp_1 loss", "grad-norm", "params-norm", "lm loss validation",
