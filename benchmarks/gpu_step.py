@@ -55,6 +55,21 @@ def packed_segments(batch: int, seq: int, device) -> torch.Tensor:
     return torch.stack(rows).to(device)
 
 
+def timed(step, steps: int) -> tuple[float, float]:
+    """Seconds per call of `step` over `steps` calls after two warm-up calls (allocator, kernel
+    choice, compilation), and the peak GPU memory they reached in GiB (NaN on a CPU)."""
+    for _ in range(2):
+        step()
+    sync()
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    return (time.perf_counter() - start) / steps, torch.cuda.max_memory_allocated() / 2**30 if CUDA else float("nan")
+
+
 def measure(cfg, impl: str, dtype, batch: int, seq: int, steps: int, packed: bool, profile: bool,
             config_fields: dict) -> dict:
     device = torch.device("cuda" if CUDA else "cpu")
@@ -72,18 +87,9 @@ def measure(cfg, impl: str, dtype, batch: int, seq: int, steps: int, packed: boo
         model.zero_grad(set_to_none=True)
         model(ids, pos, segments, labels=ids).float().mean().backward()
 
-    for _ in range(2):  # warm-up: allocator, kernel choice, FlexAttention's compilation
-        step()
-    sync()
-    if CUDA:
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    seconds = (time.perf_counter() - start) / steps
-    out = {"s": seconds, "tokens/s": batch * seq / seconds,
-           "peak GiB": torch.cuda.max_memory_allocated() / 2**30 if CUDA else float("nan")}
+    seconds, peak = timed(step, steps)
+    out = {"s": seconds, "tokens/s": batch * seq / seconds, "peak GiB": peak,
+           "parameters": sum(p.numel() for p in model.parameters())}
     if profile:
         from torch.profiler import ProfilerActivity, profile as torch_profile
 
