@@ -26,7 +26,11 @@ the supervisor is the parent of the training process and shares nothing with it 
 - The training process dies with its supervisor (PR_SET_PDEATHSIG), so a launcher that kills the
   supervisor (torchrun, srun) leaves no orphan.
 
-Bound: a hang ends every rank within timeout + poll_s + grace_s + the stack dumps (seconds).
+A supervisor kills its live training process only 2 x poll_s + 2 s after freezing it, once every
+other supervisor has seen the marker and frozen its own: killing one rank breaks its peers'
+collectives at once, and a peer still running would fail and exit before its stacks are taken.
+
+Bound: a hang ends every rank within timeout + 3 x poll_s + 2 s + grace_s + the stack dumps.
 The process group's own timeout (`backstop_s`) is twice the longest timeout: a backstop only.
 """
 
@@ -493,6 +497,7 @@ class Supervisor:
                 os.kill(p, signal.SIGSTOP)
             except ProcessLookupError:
                 pass
+        frozen_at = time.monotonic()
         try:
             self.launch.mkdir(parents=True, exist_ok=True)
             if kind != "aborted":
@@ -505,6 +510,11 @@ class Supervisor:
             os.replace(tmp, self.launch / f"report-rank-{self.rank}.json")
         except OSError as e:
             self.say(f"cannot write under {self.launch}: {e}")
+        if self.world > 1 and tree and tree[0][0] == pid:
+            # A killed training process breaks its peers' collectives at once: a peer whose supervisor
+            # has not frozen it yet would fail and exit, and its stacks would show its exit, not the
+            # hang. Every supervisor freezes its tree within poll_s of the abort marker; kill after that.
+            time.sleep(max(0.0, frozen_at + 2 * self.cfg.poll_s + 2.0 - time.monotonic()))
         _kill_tree(pid)
         try:
             self.child.wait(timeout=30)

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.xdist_group("faults")
 # 12 s leaves room for a loaded 2-core machine
 WATCH = [f"faults.watchdog.{section}_s=12" for section in ("step", "validation", "checkpoint")] + [
     "faults.watchdog.first_s=120", "faults.watchdog.poll_s=1", "faults.watchdog.grace_s=10"]
-BOUND_S = 12 + 1 + 10 + 20  # the timeout, a poll, the reports' grace, stack dumps and torchrun's own ending
+BOUND_S = 12 + 3 * 1 + 2 + 10 + 20  # the timeout, polls and the wait before killing, the reports' grace, stack dumps and torchrun's own ending
 
 
 @pytest.fixture(scope="module")
