@@ -131,6 +131,33 @@ def stage_parameters_per_gpu(model: torch.nn.Module, cfg: ModelConfig, parallel,
     return per_stage
 
 
+def _gemm_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+    """Forward multiply-adds per token of each part of one layer (x 6 for training: 2 per
+    multiply-add, forward + two backward GEMMs), Megatron's terms."""
+    h, v = cfg.hidden_size, cfg.vocab_size
+    q = cfg.num_attention_heads * cfg.head_dim
+    kv = cfg.num_query_groups * cfg.head_dim
+    mlp = 3 * h * cfg.moe_ffn_hidden_size  # one SwiGLU expert
+    return {"attention projections": h * (q + 2 * kv) + q * h,
+            "attention scores": q * seq_len,  # QK^T and AV over the causal half of the square
+            "dense MLP": 3 * h * cfg.ffn_hidden_size,
+            "routed experts": cfg.moe_router_topk * mlp,
+            "shared experts": cfg.num_shared_experts * mlp,
+            "MTP projection and norms": 3 * h + 2 * h * h,
+            "output layer": h * v}
+
+
+def flops_by_part(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+    """Training FLOPs per token of each part of the whole model (main and MTP layers together;
+    the MTP layers' own output logits under "output layer"); their sum is `train_flops_per_token`."""
+    g = _gemm_flops_per_token(cfg, seq_len)
+    layers, moe, mtp = cfg.num_layers, cfg.num_moe_layers, cfg.mtp_num_layers
+    count = {"attention projections": layers, "attention scores": layers, "dense MLP": cfg.first_k_dense,
+             "routed experts": moe + mtp, "shared experts": moe + mtp, "MTP projection and norms": mtp,
+             "output layer": 1 + mtp}
+    return {part: 6.0 * g[part] * count[part] for part in g}
+
+
 def layer_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     """Training FLOPs per token of each kind of part: a dense layer, an MoE layer, one MTP layer,
     the output layer. `train_flops_per_token` is their sum; pipeline placement (model/pipeline.py)
@@ -139,15 +166,13 @@ def layer_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     As in Megatron's accounting, each MTP layer adds an MoE MLP, its norms and eh_proj, and one
     more output-logit GEMM, but not its attention; causal attention counts half the full square.
     """
-    h, v = cfg.hidden_size, cfg.vocab_size
-    q = cfg.num_attention_heads * cfg.head_dim
-    kv = cfg.num_query_groups * cfg.head_dim
-    attention = h * (q + 2 * kv) + q * h + q * seq_len
-    moe_mlp = 3 * h * (cfg.moe_router_topk + cfg.num_shared_experts) * cfg.moe_ffn_hidden_size
-    return {"dense": 6.0 * (3 * h * cfg.ffn_hidden_size + attention),
+    g = _gemm_flops_per_token(cfg, seq_len)
+    attention = g["attention projections"] + g["attention scores"]
+    moe_mlp = g["routed experts"] + g["shared experts"]
+    return {"dense": 6.0 * (g["dense MLP"] + attention),
             "moe": 6.0 * (moe_mlp + attention),
-            "mtp": 6.0 * (moe_mlp + 3 * h + 2 * h * h + h * v),
-            "output": 6.0 * h * v}
+            "mtp": 6.0 * (moe_mlp + g["MTP projection and norms"] + g["output layer"]),
+            "output": 6.0 * g["output layer"]}
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

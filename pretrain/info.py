@@ -94,6 +94,16 @@ def stage_layouts(cfg) -> list[str]:
     return lines
 
 
+def flops_table(m, seq_len: int) -> list[str]:
+    """Where the training FLOPs of a token go, part by part (main and MTP layers together)."""
+    from model.accounting import flops_by_part
+
+    parts = flops_by_part(m, seq_len)
+    total = sum(parts.values())
+    return [f"  {part:36s} {f / 1e9:8.2f} GFLOP {100 * f / total:5.1f}%"
+            for part, f in sorted(parts.items(), key=lambda kv: -kv[1]) if f]
+
+
 def report(cfg, seq_len: int, optimizer: bool = False) -> str:
     """Build cfg.model on the meta device and return the printed report."""
     from model.accounting import count_parameters, train_flops_per_token
@@ -129,6 +139,7 @@ def report(cfg, seq_len: int, optimizer: bool = False) -> str:
     lines += ["", f"total parameters:  {human(counts.default_total)}",
               f"active per token:  {human(counts.default_active)}",
               f"training FLOPs per token at seq {seq_len}: {train_flops_per_token(m, seq_len) / 1e9:.1f} GFLOP"]
+    lines += flops_table(m, seq_len)
     if p.pipeline > 1 or p.tensor > 1 or p.expert > 1:
         lines += ["", *placement(m, p, model)]
     lines += stage_layouts(cfg)

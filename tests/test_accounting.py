@@ -1,8 +1,10 @@
 """Parameter counts read off the meta-built model, against counts computed here from the config."""
 
+import re
+
 import pytest
 
-from model.accounting import count_parameters, train_flops_per_token
+from model.accounting import count_parameters, flops_by_part, train_flops_per_token
 from model.build import build_model, stage_plan
 from pretrain.info import main as model_info
 from pretrain.config import compose
@@ -69,12 +71,33 @@ def test_training_flops_per_token(name, gflop):
     assert train_flops_per_token(compose([f"model={name}"]).model, 4096) / 1e9 == pytest.approx(gflop, abs=0.05)
 
 
+@pytest.mark.parametrize("name", ["tiny", "smoke", "single_gpu", "glm45_air", "glm45"])
+def test_flops_by_part_add_up_to_the_total(name):
+    m = compose([f"model={name}"]).model
+    assert sum(flops_by_part(m, 4096).values()) == pytest.approx(train_flops_per_token(m, 4096), rel=1e-12)
+
+
+def test_flops_by_part_of_single_gpu_by_hand():
+    """Counted by hand from configs/model/single_gpu.yaml: two output heads (main and MTP) of
+    1536 x 151,552, 24 layers of 24 query heads x 128 at sequence 4096, 23 MoE layers + MTP of top-8
+    experts of 384."""
+    parts = flops_by_part(compose(["model=single_gpu"]).model, 4096)
+    assert parts["output layer"] == 6 * 2 * 1536 * 151552
+    assert parts["attention scores"] == 6 * 24 * 3072 * 4096
+    assert parts["attention projections"] == 6 * 24 * (1536 * (3072 + 2 * 512) + 3072 * 1536)
+    assert parts["routed experts"] == 6 * 24 * 8 * 3 * 1536 * 384
+    assert parts["shared experts"] == 6 * 24 * 3 * 1536 * 384
+    assert parts["dense MLP"] == 6 * 3 * 1536 * 4608
+    assert parts["MTP projection and norms"] == 6 * (3 * 1536 + 2 * 1536 * 1536)
+
+
 def test_model_info_prints_labelled_conventions(world1, capsys):
     assert model_info(["model=glm45_air", "parallel.tensor=2", "parallel.expert=8", "parallel.pipeline=2"]) == 0
     out = capsys.readouterr().out
     assert "total parameters:  106.85B" in out and "active per token:  12.18B" in out
     assert "decoder + MTP + embedding/output [everything trained]" in out
     assert "training FLOPs per token at seq 4096: 95.4 GFLOP" in out
+    assert re.search(r"routed experts +38\.20 GFLOP +40\.0%", out)  # the largest part first
     assert "pipeline=2: first stage 25 layers, last 21 (chosen)" in out
     assert "stage 0: layers 0-24 (25, 1 dense) + embedding, compute 0.98 of the slowest" in out
     assert "stage 1: layers 25-45 (21, 0 dense) + output, MTP x1, compute 1.00 of the slowest" in out
