@@ -151,6 +151,8 @@ class ParallelConfig:
 
     def validate(self, model: ModelConfig, world_size: int | None = None,
                  source: str = "parallel") -> "ParallelConfig":
+        """What must divide what, and the world size. Whether the layers can be placed on the
+        pipeline stages is model/pipeline.py's: `pipeline.check_layout` does both."""
         def fail(field: str, why: str):
             raise ConfigError(f"{source}: parallel.{field}={getattr(self, field)!r} {why}")
 
@@ -169,9 +171,6 @@ class ParallelConfig:
         for field, total, name in checks:
             if total % getattr(self, field):
                 fail(field, f"does not divide {name}={total}")
-        from model import pipeline
-
-        pipeline.split(model, self, source)  # raises if the layers cannot be placed
         if tp > 1 and model.num_experts and not self.sequence_parallel:
             fail("sequence_parallel", "must be true with tensor > 1: Megatron-Core requires it for MoE")
         if world_size is not None:

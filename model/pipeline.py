@@ -55,6 +55,15 @@ def layout_costs(m: ModelConfig, p: ParallelConfig, seq_len: int = SEQ_LEN) -> l
     return stage_costs(m, p.pipeline, first or even, last or even, seq_len)
 
 
+def check_layout(m: ModelConfig, p: ParallelConfig, world_size: int | None = None,
+                 source: str = "parallel") -> ParallelConfig:
+    """The whole check of a layout: `p.validate` (what divides what, the world size), then whether
+    the model's layers can be placed on its pipeline stages. Returns `p`; raises ConfigError."""
+    p.validate(m, world_size, source)
+    split(m, p, source)
+    return p
+
+
 def split(m: ModelConfig, p: ParallelConfig, source: str = "parallel") -> tuple[int | None, int | None]:
     """(first, last) decoder layers for Megatron-Core, or (None, None) for its even split."""
     stages, chunks, layers = p.pipeline, p.virtual_stages, m.num_layers

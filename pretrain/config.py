@@ -143,12 +143,14 @@ class Config:
     sources: dict = field(default_factory=dict)  # group -> file it came from, for error messages
 
     def validate(self, world_size: int | None = None) -> "Config":
+        from model import pipeline  # (its FLOP weights import torch: not at this module's import)
+
         self.model.validate(self.sources.get("model", "model"))
-        self.parallel.validate(self.model, world_size, self.sources.get("parallel", "parallel"))
+        pipeline.check_layout(self.model, self.parallel, world_size, self.sources.get("parallel", "parallel"))
         where = self.sources.get("experiment", "experiment")
         for name, layout in self.stage_parallel.items():
             if layout != self.parallel:
-                layout.validate(self.model, world_size, f"{where}: stages.{name} (its layout)")
+                pipeline.check_layout(self.model, layout, world_size, f"{where}: stages.{name} (its layout)")
         try:
             self.data.validate(self.sources.get("data", "data"))
         except DataConfigError as e:

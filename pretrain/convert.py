@@ -208,6 +208,7 @@ def import_(hf_dir: str | Path, out: str | Path, stage: str | None = None, paral
     """A Hugging Face glm4_moe directory -> a run directory holding a weights-only checkpoint."""
     import dataclasses
 
+    from model import pipeline
     from model.config import ParallelConfig
     from model.hf_mapping import entries, merge
     from pretrain import checkpoint
@@ -217,7 +218,7 @@ def import_(hf_dir: str | Path, out: str | Path, stage: str | None = None, paral
     _release_freed_memory()
     hf, out = HFDir(hf_dir), Path(out)
     cfg = hf.cfg
-    layout = ParallelConfig(**(parallel or {})).validate(cfg, source="glm-convert import")
+    layout = pipeline.check_layout(cfg, ParallelConfig(**(parallel or {})), source="glm-convert import")
     pending: dict[str, Pending] = {}
     for e in entries(cfg):
         dtype = max((hf.dtype(h) for h in e.hf), key=lambda d: d.itemsize)

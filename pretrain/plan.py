@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model import memory, quiet_megatron_warnings
+from model import memory, pipeline, quiet_megatron_warnings
 from model.config import ConfigError, ModelConfig, ParallelConfig
 
 GiB = 2**30
@@ -269,7 +269,6 @@ class Planner:
                       states: list[StageState]) -> dict:
         """Seconds of one step at the full global batch: compute of the slowest stage at the given
         MFU, pipeline bubble, and each kind of communication at its link's bandwidth."""
-        from model import pipeline
         from model.accounting import train_flops_per_token
 
         m, a = self.m, self.act_bytes
@@ -367,7 +366,7 @@ def candidate_layouts(m: ModelConfig, world: int, per_node: int) -> list[Paralle
             for e in _divisors(m.num_experts):
                 p = ParallelConfig(tensor=t, pipeline=pp, expert=e)
                 try:
-                    out.append(p.validate(m, world))
+                    out.append(pipeline.check_layout(m, p, world))
                 except ConfigError:
                     continue
     return out
@@ -546,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
         layout_given = any(o.startswith(("parallel", "+parallel")) for o in args.overrides)
         searching = args.search or (not layout_given and cfg.parallel == ParallelConfig() and args.gpus > 1)
         if not searching:
-            cfg.parallel.validate(cfg.model, args.gpus, cfg.sources.get("parallel", "parallel"))
+            pipeline.check_layout(cfg.model, cfg.parallel, args.gpus, cfg.sources.get("parallel", "parallel"))
         dtype = torch.float32 if cfg.train.dtype == "fp32" else torch.bfloat16
         planner = Planner(cfg.model, dtype, cfg.train.micro_batch_size, cfg.train.global_batch_tokens,
                           cfg.optim.name, cfg.optim.muon.qkv_split, cfg.optim.muon.ns_steps, cfg.optim.muon.ns_dtype)
