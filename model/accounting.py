@@ -9,10 +9,12 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from model.config import ModelConfig
+
+if TYPE_CHECKING:  # annotations only: the FLOP formula is used where torch is not imported
+    import torch
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 

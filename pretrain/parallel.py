@@ -1,5 +1,6 @@
 """Process-group start-up for a parallel layout (model/config.py: ParallelConfig), from torchrun's
-or Slurm's environment."""
+or Slurm's environment. Importing it imports no torch: the supervisor (pretrain/watchdog.py) reads
+Slurm's environment from here."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ import contextlib
 import datetime
 import os
 import socket
-
-import torch
 
 from model.config import ParallelConfig  # noqa: F401  (the layout, re-exported for callers)
 
@@ -76,6 +75,7 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_s: int 
     them), or Slurm's SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID and node list under srun;
     without either it starts a world of one.
     """
+    import torch
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
