@@ -16,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 import configs  # the config tree: a package, so that an install without -e carries it
 from data.config import DataConfig, DataConfigError
+from model import pipeline
 from model.config import IMPLS, ConfigError, ModelConfig, ParallelConfig
 from optim.config import OptimConfig
 
@@ -143,8 +144,6 @@ class Config:
     sources: dict = field(default_factory=dict)  # group -> file it came from, for error messages
 
     def validate(self, world_size: int | None = None) -> "Config":
-        from model import pipeline  # (its FLOP weights import torch: not at this module's import)
-
         self.model.validate(self.sources.get("model", "model"))
         pipeline.check_layout(self.model, self.parallel, world_size, self.sources.get("parallel", "parallel"))
         where = self.sources.get("experiment", "experiment")
