@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         # faults.spike.max_spikes loss spikes: training on would meet them again
         logging.getLogger("pretrain").error(f"rank {rank}: {e}")
         return EXIT_UNSTABLE
-    except Exception:
+    except Exception as e:
+        watchdog.failed(e)  # a collective that lost its peer: the supervisor's report says so
         logging.getLogger("pretrain").exception(f"rank {rank} failed")
         return 1
 

@@ -30,11 +30,13 @@ EXIT_HUNG = 76  # the watchdog ended the run: a rank stopped making progress, or
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _early = ""  # a stop signal that came before the loop (start-up) or after it (shutting down)
+_stop_signalled = False  # any stop signal this process received, for the test-only `pause` fault
 
 
 def _remember(signum, frame):
-    global _early
+    global _early, _stop_signalled
     _early = _early or signal.Signals(signum).name
+    _stop_signalled = True
 
 
 def catch_stop_signals() -> None:
@@ -55,7 +57,9 @@ class StopFlag:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        global _stop_signalled
         self.reason = self.reason or signal.Signals(signum).name
+        _stop_signalled = True
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -87,7 +91,12 @@ class StopFlag:
 #   kill        the rank kills itself (SIGKILL) where it would join the gradient all-reduce of step S
 #   slow        the rank sleeps `seconds` in its own work of steps S..until
 #   spike       the loss of step S is multiplied by `factor` (every rank)
+#   pause       the rank waits at the start of step S until it receives a stop signal (at most `seconds`,
+#               600 by default), saying so in the log: a test that signals once it reads that line
+#               knows the run stops after step S, however fast the steps go
 #   enospc      the rank's checkpoint write of step S fails with ENOSPC
+#   stall       the rank's checkpoint write of step S puts its first tensor data on disk, then
+#               waits for good (a save caught in the middle: the test kills the run there)
 # `restart=N` limits a fault to the launch with that restart count (SLURM_RESTART_COUNT or
 # TORCHELASTIC_RESTART_COUNT; 0 is the first launch).
 TEST_FAULTS_ENV = "GLM_TEST_FAULTS"
@@ -130,7 +139,7 @@ def inject(point: str, step: int) -> None:
     global step_now
     step_now = step
     rank = dist.get_rank() if dist.is_initialized() else 0
-    kinds = {"step": ("stop", "hold_gil"), "work": ("kill", "slow")}[point]
+    kinds = {"step": ("stop", "hold_gil", "pause"), "work": ("kill", "slow")}[point]
     for f in _active(kinds, step, rank):
         kind = f["kind"]
         if kind == "stop":
@@ -145,6 +154,14 @@ def inject(point: str, step: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         elif kind == "slow":
             time.sleep(f["seconds"])
+        elif kind == "pause":
+            import logging
+
+            logging.getLogger("pretrain").warning(f"{TEST_FAULTS_ENV}: rank {rank} waits at the start of step "
+                                                  f"{step} for a stop signal")
+            deadline = time.monotonic() + f.get("seconds", 600.0)
+            while not _stop_signalled and time.monotonic() < deadline:
+                time.sleep(0.01)
 
 
 def loss_factor() -> float:
@@ -159,18 +176,21 @@ def loss_factor() -> float:
 
 class failing_writes:
     """Test-only: within it, this rank's checkpoint tensor writes fail with ENOSPC if an `enospc`
-    fault names this step (in the writer process too: it is forked inside). Does nothing otherwise."""
+    fault names this step, or stall after the first one if a `stall` fault does (in the writer
+    process too: it is forked inside). Does nothing otherwise."""
 
     def __init__(self, step: int):
         import torch.distributed as dist
 
         rank = dist.get_rank() if dist.is_initialized() else 0
-        self.armed = bool(_FAULTS) and any(_active(("enospc",), step, rank))
+        found = [f["kind"] for f in _active(("enospc", "stall"), step, rank)] if _FAULTS else []
+        self.kind = found[0] if found else None
         self.saved = []
 
     def __enter__(self):
-        if self.armed:
+        if self.kind is not None:
             import errno
+            import functools
 
             from megatron.core.dist_checkpointing.strategies import filesystem_async
             from torch.distributed.checkpoint import filesystem
@@ -179,8 +199,18 @@ class failing_writes:
                 raise OSError(errno.ENOSPC, "No space left on device (injected by GLM_TEST_FAULTS)")
 
             for module in (filesystem_async, filesystem):
-                self.saved.append((module, module._write_item))
-                module._write_item = full
+                original = module._write_item
+
+                @functools.wraps(original)  # its signature: Megatron's writer inspects it
+                def stalled(*args, original=original, **kwargs):
+                    original(*args, **kwargs)
+                    for stream in (a for a in args if hasattr(a, "flush")):
+                        stream.flush()  # the tensor data is in the file
+                    while True:  # until the test kills the run
+                        time.sleep(1)
+
+                self.saved.append((module, original))
+                module._write_item = full if self.kind == "enospc" else stalled
         return self
 
     def __exit__(self, *exc):

@@ -277,7 +277,11 @@ class Trainer:
             return None
 
     def _save_failed(self, e: Exception, required: bool) -> None:
+        # TensorBoard has the count at the step where the failure became known, beside each logged
+        # step's: a background save's failure reaches the loop a step or more after the save began,
+        # whenever its writers end, and the last one may be known only after the last logged step
         self.save_failures += 1
+        self.metrics.write({"checkpoint-save-failures": self.save_failures}, self.step, self.tokens)
         self.metrics.text("checkpoint", f"step {self.step}: {e}", self.step)
         if required or self.cfg.faults.on_save_error != "continue":
             raise e

@@ -60,7 +60,11 @@ STACKS_SIGNAL = signal.SIGUSR2
 # duration seen (not counting first occurrences)
 _FORMAT = struct.Struct("<4sIIqqdd" + "d" * len(SECTIONS))
 _MAGIC = b"GLMW"
-WAITING_FOR_DATA, FIRST = 1, 2  # flags
+WAITING_FOR_DATA, FIRST, PEER_LOST = 1, 2, 4  # flags
+# what a collective raises when a peer is gone (its process died, its node or the network went away):
+# gloo's "Connection closed / reset by peer", NCCL's aborted communicator, a collective's own timeout
+_PEER_LOST_SIGNS = ("closed by peer", "reset by peer", "Broken pipe", "Connection refused", "remote process exited",
+                    "communicator was aborted", "Timed out waiting", "DistNetworkError", "DistBackendError")
 
 
 # ---- the training side -------------------------------------------------------------------------
@@ -132,6 +136,22 @@ def fetching(waiting: bool) -> None:
     else:
         b.flags &= ~WAITING_FOR_DATA
     b.write()
+
+
+def failed(error: BaseException) -> None:
+    """The training process is failing with `error`: when a collective raised it because a peer went
+    away, the heartbeat says so, and the verdict looks past this rank for the one that was lost
+    (which may have died a moment later, or left no report at all)."""
+    b = _beat
+    if b is None or not lost_a_peer(error):
+        return
+    b.flags |= PEER_LOST
+    b.write()
+
+
+def lost_a_peer(error: BaseException) -> bool:
+    text = f"{type(error).__name__}: {error}"
+    return any(sign in text for sign in _PEER_LOST_SIGNS)
 
 
 def beating(iterator):
@@ -316,13 +336,19 @@ def _where(report: dict) -> str:
 
 
 def verdict(reports: dict[int, dict], world: int) -> str:
-    """One line naming the rank(s) at fault, from every rank's report."""
-    first = sorted((r for r in reports.values() if r["kind"] in ("died", "hang")), key=lambda r: r["at"])
-    if first and first[0]["kind"] == "died":  # the others died of it, or hung waiting for it
+    """One line naming the rank(s) at fault, from every rank's report. A rank that died of a lost peer
+    (its collective failed: `failed`) is never the culprit while another rank died of something else,
+    whichever supervisor noticed first: a peer's error follows the death within milliseconds, and
+    which of the two is reported first is up to the scheduler."""
+    first = sorted((r for r in reports.values() if r["kind"] in ("died", "hang")),
+                   key=lambda r: (bool(r.get("peer_lost")), r["at"]))
+    if first and first[0]["kind"] == "died" and not first[0].get("peer_lost"):  # the others died of it, or
+        # hung waiting for it
         r = first[0]
         return f"rank {r['rank']} died ({r['exit']}) in {_where(r)} on {r['host']}; the others were ended"
     missing = [r for r in range(world) if r not in reports]
     stopped = [r for r in reports.values() if r.get("stopped")]
+    lost = [r for r in reports.values() if r["kind"] == "died" and r.get("peer_lost")]
     parts = []
     if stopped:
         parts += [f"rank {r['rank']} is stopped ({r['stopped']}) in {_where(r)}" for r in stopped]
@@ -330,6 +356,9 @@ def verdict(reports: dict[int, dict], world: int) -> str:
         parts.append(f"no report from rank{'s' if len(missing) > 1 else ''} "
                      f"{', '.join(map(str, missing[:16]))}{' ...' if len(missing) > 16 else ''} "
                      "(its node or its supervisor is gone)")
+    if lost:  # every death was a peer's consequence: the lost one left no report, or is behind the others
+        parts.append(f"rank{'s' if len(lost) > 1 else ''} {', '.join(str(r['rank']) for r in lost[:8])} lost a peer "
+                     f"in a collective ({lost[0]['exit']}) in {_where(lost[0])}")
     known = list(reports.values())
     if known and not stopped:
         low = min(_position(r) for r in known)
@@ -435,7 +464,8 @@ class Supervisor:
                              f"{_where(self._report_of(last, now))}")
                     self._end("aborted", last, now, read_fd, exit_text=how)
                 else:
-                    self.say(f"the training process died ({how}) in {_where(self._report_of(last, now))}", True)
+                    lost = ": a collective lost its peer" if last["flags"] & PEER_LOST else ""
+                    self.say(f"the training process died ({how}) in {_where(self._report_of(last, now))}{lost}", True)
                     self._end("died", last, now, read_fd, exit_text=how)
                 return 128 - code if code < 0 else code
             section, first = last["section"], bool(last["flags"] & FIRST)
@@ -477,6 +507,7 @@ class Supervisor:
     def _report_of(self, hb: dict, now: float) -> dict:
         return {"rank": self.rank, "host": socket.gethostname(), "section": hb["section"], "step": hb["step"],
                 "micro": hb["micro"], "waiting_for_data": bool(hb["flags"] & WAITING_FOR_DATA),
+                "peer_lost": bool(hb["flags"] & PEER_LOST),
                 "since_s": round(now - hb["entered"], 1), "at": time.time()}
 
     def _end(self, kind: str, hb: dict, now: float, read_fd: int, exit_text: str = "", limit: float = 0.0) -> None:

@@ -174,8 +174,41 @@ def test_a_rank_stuck_in_c_or_killed_ends_the_job_naming_it(data_root, tmp_path,
         assert re.search(r'faults.py", line \d+ in inject', stacks), stacks[:3000]
     else:  # the dead rank's supervisor gives its child's signal as 128+9; rank 0 ends with 76, or 1 when
         # gloo reported the lost peer before the abort mark was seen
-        assert (next((run_dir / "watchdog").glob("launch-*")) / "report-rank-1.json").is_file()
+        launch = next((run_dir / "watchdog").glob("launch-*"))
+        assert (launch / "report-rank-1.json").is_file()
+        # rank 0 saw the abort mark, or its all-reduce failed first: then its report says it lost a peer
+        survivor = json.loads((launch / "report-rank-0.json").read_text())
+        assert survivor["kind"] == "aborted" or survivor["peer_lost"], survivor
         assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s*exitcode\s*: 137", out), out[-3000:]
+
+
+def _report(rank: int, kind: str, at: float, **kw) -> dict:
+    return {"rank": rank, "host": f"n{rank}", "section": "step", "step": 5, "micro": 1, "waiting_for_data": False,
+            "since_s": 1.0, "at": at, "kind": kind, "exit": "", **kw}
+
+
+def test_the_verdict_never_blames_a_rank_that_died_of_its_lost_peer():
+    """Which supervisor notices its death first is the scheduler's choice: a rank whose collective failed
+    because its peer died (gloo's 'Connection closed by peer', exit 1) may be reported a moment before the
+    peer's own death. The verdict names the peer whatever the order; with the peer gone without a report
+    (its node lost), it names the missing rank and says the others lost a peer."""
+    from pretrain.watchdog import lost_a_peer, verdict
+
+    gloo = RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:6069. This is "
+                        "typically caused by a remote worker crashing.")
+    assert lost_a_peer(gloo) and not lost_a_peer(RuntimeError("CUDA out of memory")) and not lost_a_peer(gloo.__class__("x"))
+    survivor = _report(0, "died", at=100.0, exit="exit 1", peer_lost=True)
+    killed = _report(1, "died", at=100.4, exit="signal SIGKILL")
+    for reports in ({0: survivor, 1: killed}, {1: killed, 0: survivor}):
+        assert verdict(reports, 2).startswith("rank 1 died (signal SIGKILL) in step 5 (step, micro-batch 1) on n1")
+    # a genuine error on one rank and its peer's lost connection: the error, though reported later
+    error = _report(1, "died", at=100.4, exit="exit 1")
+    assert verdict({0: survivor, 1: error}, 2).startswith("rank 1 died (exit 1)")
+    # rank 1's node vanished with its supervisor: no report; rank 0 only lost a peer
+    text = verdict({0: survivor}, 2)
+    assert text.startswith("no report from rank 1 (its node or its supervisor is gone); rank 0 lost a peer in a "
+                           "collective (exit 1) in step 5"), text
+    assert "rank 0 died" not in text
 
 
 def test_a_single_process_run_that_stops_ends_with_the_watchdogs_exit_code(data_root, tmp_path):
@@ -225,13 +258,18 @@ def test_timeouts_are_calibrated_saved_and_give_the_process_groups_backstop(data
 # ---- stragglers ------------------------------------------------------------------------------
 
 def test_a_straggler_is_named_on_the_console_and_in_tensorboard_and_the_run_finishes(data_root, tmp_path):
+    """Rank 1 sleeps 1.5 s in its own work of steps 3-8. The margins hold on a loaded machine: a step's
+    own work of the tiny model takes tens of ms alone and a few hundred with both cores busy, and load
+    alone has made either rank 1.5x the other now and then, so rank 1 may already be the slowest just
+    before step 3, and the third step in a row comes at step 3, 4 or 5."""
     run_dir = tmp_path / "run"
-    out = _run(data_root, run_dir, "train.max_steps=10", nproc=2, faults="slow@rank=1,step=3,until=8,seconds=0.5")
-    assert re.search(r"straggler: rank 1 has been the slowest for 3 logged steps: its own work took [\d.]+ s at "
-                     r"step 5, [\d.]+x the median", out), out[-3000:]
+    out = _run(data_root, run_dir, "train.max_steps=10", nproc=2, faults="slow@rank=1,step=3,until=8,seconds=1.5")
+    named = re.search(r"straggler: rank 1 has been the slowest for 3 logged steps: its own work took ([\d.]+) s at "
+                      r"step (\d+), [\d.]+x the median", out)
+    assert named and 3 <= int(named.group(2)) <= 5 and float(named.group(1)) >= 1.5, out[-3000:]
     s = scalars(run_dir)
     assert all(s["straggler/slowest-rank"][step] == 1 for step in range(3, 9))
-    assert all(s["straggler/slowest-over-median"][step] > 3 for step in range(3, 9))
+    assert all(s["straggler/slowest-over-median"][step] > 2 for step in range(3, 9))
     assert "done: step 10" in out
 
 
@@ -352,4 +390,9 @@ def test_a_failed_background_save_can_let_training_go_on(data_root, tmp_path):
     ckpts = run_dir / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step-00000006"
     assert not list(ckpts.glob(".tmp-*")) and not (ckpts / "step-00000004").exists()
-    assert scalars(run_dir)["checkpoint-save-failures"][6] == 1
+    # rank 1's writer fails whenever it gets there: the loop learns of it in the poll after step 5 or 6, or
+    # when step 6's save waits for it; the count is written at the step where it became known, so by the
+    # end of step 6 it is 1 whichever came first (a logged step's 0 at step 6 is followed by the 1)
+    failures = scalars(run_dir)["checkpoint-save-failures"]
+    assert failures[6] == 1 and max(failures.values()) == 1, failures
+    assert all(failures[step] == 0 for step in range(1, 5)), failures  # logged before step 4's save began

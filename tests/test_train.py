@@ -18,7 +18,7 @@ import torch
 
 from pretrain import schedules
 from pretrain.parallel import free_port
-from pretrain.faults import EXIT_RESUME
+from pretrain.faults import EXIT_RESUME, TEST_FAULTS_ENV
 
 # one pytest worker runs this whole module: its runs share the data and the uninterrupted reference
 pytestmark = pytest.mark.xdist_group("train")
@@ -93,15 +93,20 @@ def _run(data_root, run_dir, *overrides, nproc=1, expect=0) -> str:
     return p.stdout
 
 
-def _interrupt(data_root, run_dir, at_step: int, sig: int, *overrides) -> int:
-    """Start a run and send `sig` once it has logged step `at_step`; returns its exit code. SIGKILL
-    goes to the whole process group, as Slurm kills a job step (the checkpoint writer keeps a
-    helper process)."""
-    p = subprocess.Popen(_command(run_dir, *overrides), env=_env(data_root), cwd=ROOT, stdout=subprocess.PIPE,
+def _interrupt(data_root, run_dir, at_step: int, sig: int, *overrides) -> tuple[int, str]:
+    """Start a run and send `sig` while it waits at the start of step `at_step` (the test-only `pause`
+    fault: the run goes no further until it is signalled, however fast its steps are or however late
+    this process reads its output); returns its exit code and its output up to then. A stop signal
+    lets it train step `at_step` and stop after it; SIGKILL goes to the whole process group, as
+    Slurm kills a job step (the checkpoint writer keeps a helper process)."""
+    env = {**_env(data_root), TEST_FAULTS_ENV: f"pause@step={at_step}"}
+    p = subprocess.Popen(_command(run_dir, *overrides), env=env, cwd=ROOT, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
     try:
         for line in p.stdout:
-            if f"step {at_step:>6} " in line:
+            lines.append(line)
+            if f"waits at the start of step {at_step} for a stop signal" in line:
                 if sig == signal.SIGKILL:
                     os.killpg(p.pid, sig)
                 else:
@@ -114,7 +119,7 @@ def _interrupt(data_root, run_dir, at_step: int, sig: int, *overrides) -> int:
         except ProcessLookupError:
             pass
         p.stdout.close()
-    return code
+    return code, "".join(lines)
 
 
 def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
@@ -177,9 +182,9 @@ def test_tiny_run_trains_through_both_stages_and_logs_the_scalars(uninterrupted)
 def test_sigterm_saves_and_exits_for_resume_then_the_run_continues_exactly(uninterrupted, data_root, tmp_path):
     ref_dir, _ = uninterrupted
     run_dir = tmp_path / "run"
-    assert _interrupt(data_root, run_dir, 9, signal.SIGTERM) == EXIT_RESUME
+    assert _interrupt(data_root, run_dir, 10, signal.SIGTERM)[0] == EXIT_RESUME
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
-    assert latest in ("step-00000009", "step-00000010")
+    assert latest == "step-00000010"  # the step it was signalled in, then saved
     out = _run(data_root, run_dir)
     assert f"resumed from {run_dir / 'checkpoints' / latest}" in out
     want, got = scalars(ref_dir), scalars(run_dir)
@@ -199,10 +204,14 @@ SAVES = pytest.mark.parametrize("saving", ["train.async_save=false", "train.asyn
 def test_sigkill_loses_only_the_steps_since_the_last_checkpoint(uninterrupted, data_root, tmp_path, saving):
     ref_dir, _ = uninterrupted
     run_dir = tmp_path / "run"
-    assert _interrupt(data_root, run_dir, 13, signal.SIGKILL, "train.save_every=5", saving) == -signal.SIGKILL
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-00000010"
+    code, out = _interrupt(data_root, run_dir, 14, signal.SIGKILL, "train.save_every=5", saving)
+    assert code == -signal.SIGKILL
+    # killed before step 14, after 13; step 10's background save, if it has not finished (its writer's pace
+    # is the machine's), never becomes `latest`: the run loses the steps since step 5
+    done = "async" not in saving or "saved " + str(run_dir / "checkpoints" / "step-00000010") in out
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == ("step-00000010" if done else "step-00000005")
     out = _run(data_root, run_dir, "train.save_every=5", saving)
-    assert "resumed from" in out and "step-00000010" in out
+    assert f"resumed from {run_dir / 'checkpoints' / ('step-00000010' if done else 'step-00000005')}" in out
     want, got = scalars(ref_dir), scalars(run_dir)
     assert got["lm loss"] == want["lm loss"] and got["params-norm"] == want["params-norm"]
     # keep_last=2: only the newest two complete checkpoints remain, and no temporary directory
@@ -215,12 +224,14 @@ def test_sigkill_in_the_middle_of_a_save_keeps_latest_and_resumes_exactly(uninte
     """A real SIGKILL to the whole run while it writes the step-10 checkpoint (tensor data in its
     temporary directory, the checkpoint not complete; in the background while training goes on, for
     an asynchronous save): `latest` still names step 5, the resumed run starts there and ends
-    bit-identical to the uninterrupted one, and the torn save is cleared."""
+    bit-identical to the uninterrupted one, and the torn save is cleared. The write stops after its
+    first tensor (the test-only `stall` fault), so the kill lands inside it however fast the disk is."""
     ref_dir, _ = uninterrupted
     run_dir = tmp_path / "run"
     ckpts = run_dir / "checkpoints"
     torn, done = ckpts / ".tmp-step-00000010", ckpts / "step-00000010"
-    p = subprocess.Popen(_command(run_dir, "train.save_every=5", saving), env=_env(data_root), cwd=ROOT,
+    p = subprocess.Popen(_command(run_dir, "train.save_every=5", saving), cwd=ROOT,
+                         env={**_env(data_root), TEST_FAULTS_ENV: "stall@step=10"},
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 600
@@ -234,7 +245,7 @@ def test_sigkill_in_the_middle_of_a_save_keeps_latest_and_resumes_exactly(uninte
         while not writing():
             assert p.poll() is None, f"the run ended (exit {p.returncode}) before it saved step 10"
             assert time.monotonic() < deadline, "no save of step 10 within 600 s"
-            time.sleep(0.0005)
+            time.sleep(0.05)
         os.killpg(p.pid, signal.SIGKILL)
         assert p.wait(timeout=60) == -signal.SIGKILL
     finally:
@@ -552,8 +563,8 @@ def test_a_save_that_dies_midway_leaves_latest_on_the_previous_checkpoint(world1
 
 def test_asynchronous_save_writes_its_steps_state_while_training_goes_on(world1, data_root, monkeypatch, tmp_path):
     """A background save holds the state of the step it was asked at: the parameters are changed in
-    place while the writer (slowed down here) has not written yet, and the checkpoint, once
-    complete, holds the old values. `latest` moves only when every writer is done. Runs on CUDA in
+    place while the writer (held back here until the test lets it go) has not written yet, and the
+    checkpoint, once complete, holds the old values. `latest` moves only when every writer is done. Runs on CUDA in
     the GPU tier (staging to host memory), on a CPU here (the forked writer's snapshot)."""
     from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 
@@ -564,8 +575,13 @@ def test_asynchronous_save_writes_its_steps_state_while_training_goes_on(world1,
     monkeypatch.setenv("GLM_DATA_ROOT", str(data_root))
     write = FileSystemWriterAsync.write_preloaded_data_multiproc
 
-    def slow_write(*args, **kwargs):  # runs in the writer process
-        time.sleep(1.0)
+    gate = tmp_path / "writers-may-write"
+    gate.touch()
+
+    def slow_write(*args, **kwargs):  # runs in the writer process: writes once the gate is open
+        deadline = time.monotonic() + 300
+        while not gate.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
         return write(*args, **kwargs)
 
     monkeypatch.setattr(FileSystemWriterAsync, "write_preloaded_data_multiproc", staticmethod(slow_write))
@@ -577,6 +593,7 @@ def test_asynchronous_save_writes_its_steps_state_while_training_goes_on(world1,
     assert (ckpts / "latest").read_text().strip() == "step-00000002" and trainer.checkpoints.pending is None
 
     want = {k: v.detach().cpu().clone() for k, v in gather_whole(trainer.chunks).items()}
+    gate.unlink()
     trainer.step = 3
     trainer.save()
     assert trainer.checkpoints.pending == ckpts / "step-00000003"
@@ -584,8 +601,9 @@ def test_asynchronous_save_writes_its_steps_state_while_training_goes_on(world1,
         for chunk in trainer.chunks:
             for param in chunk.parameters():
                 param.add_(1.0)
-    assert trainer.checkpoints.poll() is None  # the writers are still asleep
+    assert trainer.checkpoints.poll() is None  # the writers wait at the gate
     assert (ckpts / "latest").read_text().strip() == "step-00000002"
+    gate.touch()
     trainer.finish_saving(wait=True)
     assert (ckpts / "latest").read_text().strip() == "step-00000003" and not (ckpts / ".tmp-step-00000003").exists()
 
