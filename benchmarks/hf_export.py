@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from model.config import ModelConfig  # noqa: E402
 from model.hf_mapping import HF_FP32, hf_config  # noqa: E402
-from pretrain.hf_dir import INDEX, expected_shapes, parse_size  # noqa: E402
+from convert.hf_dir import INDEX, expected_shapes, parse_size  # noqa: E402
 
 _CONVERT = """
 import sys, time
@@ -44,8 +44,9 @@ def status(field):
     line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field + ":"))
     return int(line.split()[1]) * 1024
 
-from pretrain.convert import export, import_
-import model.hf_mapping, pretrain.checkpoint, pretrain.checkpoint_io, pretrain.hf_dir, tqdm
+from convert.export import export
+from convert.importer import import_
+import model.hf_mapping, pretrain.checkpoint, pretrain.checkpoint_io, convert.hf_dir, tqdm
 import os
 Path("/proc/self/clear_refs").write_text("5")
 base = status("VmRSS")

@@ -6,7 +6,7 @@ import pytest
 
 from model.accounting import count_parameters, flops_by_part, train_flops_per_token
 from model.build import build_model, stage_plan
-from pretrain.info import main as model_info
+from plan.info import main as model_info
 from pretrain.config import compose
 from pretrain.parallel import ParallelConfig
 

@@ -17,7 +17,9 @@ from safetensors.torch import load_file, save_file
 from model.hf_mapping import model_config_from_hf
 from pretrain import checkpoint
 from pretrain.checkpoint_io import Chunk, Pending, TensorReader, write_tensors
-from pretrain.convert import export, import_, main
+from convert.cli import main
+from convert.export import export
+from convert.importer import import_
 from tests.hf_reference import hf_config, mtp_from_hf, mtp_reference_logits, write_hf_dir
 from tests.megatron_helpers import logits
 from tests.test_train import _env, _run
@@ -314,8 +316,9 @@ def test_import_names_a_tensor_missing_or_of_the_wrong_shape(tmp_path, capsys):
 _CONVERT_RSS = """
 import sys
 from pathlib import Path
-from pretrain.convert import export, import_
-import model.hf_mapping, pretrain.checkpoint, pretrain.checkpoint_io, pretrain.hf_dir, tqdm  # what they import
+from convert.export import export
+from convert.importer import import_
+import model.hf_mapping, pretrain.checkpoint, pretrain.checkpoint_io, convert.hf_dir, tqdm  # what they import
 
 def status(field):  # kB
     line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field + ":"))

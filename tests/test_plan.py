@@ -81,7 +81,7 @@ def _measure(model_cfg, parallel, dtype, seq, micro, recomputes, seed=0) -> dict
 
 
 def _planned(model_cfg, parallel, world, dtype, seq, micro) -> tuple:
-    from pretrain.plan import Planner
+    from plan.planner import Planner
 
     planner = Planner(model_cfg, dtype, micro, seq * micro * parallel.data(world))
     (stage,) = planner.stages(parallel, world)
@@ -255,7 +255,7 @@ def test_pipeline_schedules_hold_what_megatron_holds():
 
 
 def test_cli_reports_the_production_layout(capsys):
-    from pretrain import plan
+    from plan import cli as plan
 
     assert plan.main(["experiment=glm45_air", "--gpus", "32"]) == 0
     out = capsys.readouterr().out
@@ -267,7 +267,7 @@ def test_cli_reports_the_production_layout(capsys):
 
 
 def test_cli_refuses_a_bad_layout_and_ranks_layouts(capsys):
-    from pretrain import plan
+    from plan import cli as plan
 
     assert plan.main(["model=tiny", "parallel.expert=3", "--gpus", "6"]) == 2
     assert "parallel.expert=3 does not divide model.num_experts=8" in capsys.readouterr().err
