@@ -65,7 +65,7 @@ def profile_by_part(trainer, cfg, steps: int) -> None:
     pipeline_parallel.get_forward_backward_func = lambda: _marked("forward-backward", real_fb())
     trainer.optimizer.step = _marked("optimizer", trainer.optimizer.step)
     trainer.metrics.write = _marked("metrics", trainer.metrics.write)
-    for name in ("_aux_scalars", "params_norm", "_over_stages"):
+    for name in ("aux_scalars", "params_norm", "over_stages"):  # as the loop module imports them
         setattr(loop, name, _marked("metrics", getattr(loop, name)))
     trainer.load.scalars = _marked("metrics", trainer.load.scalars)
     cfg.train.max_steps = trainer.step + steps
@@ -137,7 +137,7 @@ def main(argv=None) -> None:
     cfg.train.batch_start_tokens = cfg.train.global_batch_tokens
     with single_process(), tempfile.TemporaryDirectory() as run_dir:
         trainer = train_mod.Trainer(cfg, Path(run_dir))
-        trainer.save = lambda **_: None  # checkpoints are not part of a step
+        trainer.checkpoints.save = lambda **_: None  # checkpoints are not part of a step
         starts = []
         step = trainer.train_step
 

@@ -121,3 +121,40 @@ def console_line(step: int, stage: str, s: dict, stage_eta: float, run_eta: floa
     return (f"step {step:>6} [{stage}] loss {s['lm loss']:.4f}{mtp} lr {s['learning-rate']:.3g} "
             f"batch {s['batch-size']} gnorm {s['grad-norm']:.3f} | {s['tokens-per-second']:,.0f} tok/s"
             f"{mfu} {s['iteration-time'] * 1e3:.0f} ms/step{mem}{skipped} | ETA stage {_hms(stage_eta)} run {_hms(run_eta)}")
+
+
+def aux_scalars(model_cfg, n_micro: int, device: torch.device) -> dict:
+    """Megatron's trackers: the sequence-level balance loss per MoE layer, and MTP losses."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker, track_moe_metrics
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    out: dict = {}
+    if model_cfg.num_experts and ps.get_pipeline_model_parallel_world_size() > 1:
+        # The tracker sums its values over the pipeline stages; a stage with only dense layers
+        # has no entry and would leave the others waiting in that all-reduce.
+        get_moe_layer_wise_logging_tracker().setdefault("seq_load_balancing_loss", {
+            "values": torch.zeros(model_cfg.num_layers + model_cfg.mtp_num_layers, device=device),
+            "reduce_group": None, "avg_group": None, "reduce_group_has_dp": False})
+    if model_cfg.num_experts:
+        track_moe_metrics(loss_scale=1.0 / n_micro, iteration=0, writer=None, total_loss_dict=out,
+                          num_layers=model_cfg.num_layers,
+                          moe_layer_freq=[0] * model_cfg.first_k_dense + [1] * model_cfg.num_moe_layers,
+                          mtp_num_layers=model_cfg.mtp_num_layers)
+    if model_cfg.mtp_num_layers:
+        MTPLossLoggingHelper.track_mtp_metrics(loss_scale=1.0 / n_micro, iteration=0, writer=None,
+                                               total_loss_dict=out)
+    return {k: float(v) for k, v in out.items()}
+
+
+def over_stages(scalars: dict) -> dict:
+    """Scalars that each pipeline stage knows part of (its MoE layers; the MTP losses live on the
+    last stage), merged in stage order so the last stage's values win."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return scalars
+    group = ps.get_pipeline_model_parallel_group()
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, scalars, group=group)
+    return {k: v for stage in out for k, v in stage.items()}

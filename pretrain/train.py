@@ -1,10 +1,13 @@
 """The training loop: build, resume, then step through the stages until the tokens run out.
 
-Reads top to bottom. Its parts each have one home: the forward step and loss (pretrain/step.py),
-stages (pretrain/stages.py), schedules (pretrain/schedules.py), checkpoints
-(pretrain/checkpoint.py), metrics (pretrain/metrics.py), signals and exit codes
-(pretrain/faults.py). Megatron-Core does the rest: parallel state, DDP, the micro-batch schedule,
-`finalize_model_grads` (gradient all-reduce and the loss-free expert-bias update).
+Reads top to bottom: `Trainer.run()` is the loop, `train_step` one step. Its parts each have one
+home: the forward step and loss (pretrain/step.py), stages (pretrain/stages.py), schedules
+(pretrain/schedules.py), checkpoints (pretrain/checkpointer.py: which one to resume from, saving,
+failed saves; pretrain/checkpoint.py: how they are written and read), metrics (pretrain/metrics.py),
+loss spikes (pretrain/spikes.py), stragglers (pretrain/stragglers.py), signals and exit codes
+(pretrain/faults.py), the hang watchdog (pretrain/watchdog.py). Megatron-Core does the rest:
+parallel state, DDP, the micro-batch schedule, `finalize_model_grads` (gradient all-reduce and the
+loss-free expert-bias update).
 """
 
 from __future__ import annotations
@@ -18,11 +21,14 @@ import torch
 import torch.distributed as dist
 
 from pretrain import faults, schedules, stages as stages_mod, watchdog
-from pretrain.checkpoint import CheckpointManager, rng_state, set_rng_state
+from pretrain.checkpoint import rng_state, set_rng_state
+from pretrain.checkpointer import Checkpointer
 from pretrain.config import Config
 from pretrain.faults import EXIT_DONE, EXIT_RESUME, StopFlag
+from pretrain.metrics import (Metrics, aux_scalars, console_line, moe_layer_scalars, over_stages, params_norm,
+                              peak_flops)
 from pretrain.spikes import SpikeDetector
-from pretrain.metrics import Metrics, console_line, moe_layer_scalars, params_norm, peak_flops
+from pretrain.stragglers import Stragglers
 from pretrain.step import forward_step, per_chunk
 
 log = logging.getLogger("pretrain")
@@ -32,11 +38,6 @@ def model_dtype(name: str) -> torch.dtype:
     if name == "bf16" or (name == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
         return torch.bfloat16
     return torch.float32
-
-
-def async_save(setting: str) -> bool:
-    """train.async_save: auto (on a GPU), true or false."""
-    return torch.cuda.is_available() if setting == "auto" else setting == "true"
 
 
 class ExpertLoad:
@@ -96,30 +97,6 @@ def _reduced_mean(values: list[torch.Tensor], device: torch.device) -> float:
     return float(total)
 
 
-def _aux_scalars(model_cfg, n_micro: int, device: torch.device) -> dict:
-    """Megatron's trackers: the sequence-level balance loss per MoE layer, and MTP losses."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker, track_moe_metrics
-    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
-
-    out: dict = {}
-    if model_cfg.num_experts and ps.get_pipeline_model_parallel_world_size() > 1:
-        # The tracker sums its values over the pipeline stages; a stage with only dense layers
-        # has no entry and would leave the others waiting in that all-reduce.
-        get_moe_layer_wise_logging_tracker().setdefault("seq_load_balancing_loss", {
-            "values": torch.zeros(model_cfg.num_layers + model_cfg.mtp_num_layers, device=device),
-            "reduce_group": None, "avg_group": None, "reduce_group_has_dp": False})
-    if model_cfg.num_experts:
-        track_moe_metrics(loss_scale=1.0 / n_micro, iteration=0, writer=None, total_loss_dict=out,
-                          num_layers=model_cfg.num_layers,
-                          moe_layer_freq=[0] * model_cfg.first_k_dense + [1] * model_cfg.num_moe_layers,
-                          mtp_num_layers=model_cfg.mtp_num_layers)
-    if model_cfg.mtp_num_layers:
-        MTPLossLoggingHelper.track_mtp_metrics(loss_scale=1.0 / n_micro, iteration=0, writer=None,
-                                               total_loss_dict=out)
-    return {k: float(v) for k, v in out.items()}
-
-
 # Megatron DDP: gradients accumulate and are reduced in fp32 buffers (4 bytes per parameter, which
 # glm-plan counts), after the backward pass.
 DDP_SETTINGS = {"grad_reduce_in_fp32": True, "overlap_grad_reduce": False}
@@ -159,9 +136,8 @@ class Trainer:
 
         MoEAuxLossAutoScaler.main_loss_backward_scale = None
         self.stages = stages_mod.Stages(cfg)
-        self.checkpoints = CheckpointManager(run_dir, cfg.train.keep_last,
-                                             asynchronous=async_save(cfg.train.async_save))
         self.metrics = Metrics(run_dir, enabled=self.rank == 0)
+        self.checkpoints = Checkpointer(run_dir, cfg, self)
         self.device = next(self.chunks[0].parameters()).device
         self.peak, self.peak_source = peak_flops(self.device, self.dtype)
         # trainer state: all of it is saved in a checkpoint
@@ -172,87 +148,40 @@ class Trainer:
         self.stage_name = ""
         self.loader = self.iterator = self.batches = None
         self.loader_states: list | None = None  # every rank's loader state, to continue from
-        self.saved_step = -1
         self._skips_seen = 0  # bad shards skipped, as last reported
         self.spikes = SpikeDetector(cfg.faults.spike, run_dir, writer=self.rank == 0)
-        self.save_failures = 0
         self.straggler = Stragglers(cfg.faults.straggler)
         self.first_step = True  # of this launch or of a stage: the watchdog allows it more time
 
-    # ---- state -----------------------------------------------------------------------------
+    # ---- what a checkpoint holds (pretrain/checkpointer.py saves and loads it) --------------
 
-    def resume(self) -> bool:
-        """Load the newest checkpoint that loads on every rank: `latest`, or, when it cannot be read
-        (a truncated or missing shard, a torn save, a bit flip: any error but a checkpoint of another
-        model), the newest older one, loudly (log, TensorBoard text); the unreadable ones are set
-        aside and `latest` names the one loaded. None readable: CheckpointError listing what was
-        tried (exit 2). False for a run without checkpoints."""
-        from torch.distributed.checkpoint.api import CheckpointException
+    def state_dict(self) -> dict:
+        """The counters every rank shares."""
+        return {"step": self.step, "tokens": self.tokens, "samples": self.samples, "skipped": self.skipped,
+                "stage": self.stage_name, "spike_detector": self.spikes.state_dict()}
 
-        from model.config import ConfigError
-        from pretrain.checkpoint import any_rank, describe_error
-        from pretrain.checkpoint_io import CheckpointError, damaged_files
+    def rank_state_dict(self) -> dict:
+        """This rank's own: its data-parallel replica's loader position, its RNG."""
+        return {"loader": self.loader.state_dict() if self.loader else self.loader_states[self.dp_rank],
+                "dp_rank": self.dp_rank, "rng": rng_state()}
 
-        tried = []
-        for path in self.checkpoints.candidates():
-            try:
-                self._resume_from(path)
-                error = ""
-            except ConfigError:
-                raise  # another model's checkpoint: not a storage fault, older ones hold it too
-            # any reader's error (torch's DCP reports every rank's as a BaseException): an older
-            # checkpoint may load
-            except (Exception, CheckpointException) as e:  # noqa: BLE001
-                damaged = damaged_files(path) if self.rank == 0 else []
-                error = describe_error(e) + (f" (damaged: {', '.join(damaged)})" if damaged else "")
-            if not any_rank(bool(error)):
-                if tried:
-                    what = "; ".join(f"{p.name} ({why})" for p, why in tried)
-                    log.error(f"resumed from {path.name} instead of the newer {what}; set aside as "
-                              f"{self.checkpoints.dir}/.unreadable-<name>, `latest` now names {path.name}")
-                    self.metrics.text("checkpoint", f"resumed from {path.name}: could not load {what}", self.step)
-                    self.checkpoints.set_aside([p for p, _ in tried], path)
-                return True
-            why = error or "failed on another rank"
-            log.error(f"cannot resume from {path}: {why}")
-            tried.append((path, why))
-        if tried:
-            raise CheckpointError(f"{self.checkpoints.dir}: no checkpoint loads: " +
-                                  "; ".join(f"{p.name}: {why}" for p, why in tried))
-        return False
-
-    def _resume_from(self, path: Path) -> None:
-        from pretrain import checkpoint
-
-        meta = checkpoint.read_meta(path)
-        if "model" in meta:  # checkpoints from before meta.json carried it: Megatron checks the shapes
-            from model.config import ConfigError, ModelConfig
-
-            differ = self.cfg.model.architecture_differences(ModelConfig(**meta["model"]))
-            if differ:
-                raise ConfigError(f"{path} holds another model than model={self.cfg.model.name} "
-                                  f"(config vs checkpoint): {'; '.join(differ)}")
-        common, ranks = self.checkpoints.load(path, self.chunks, self.optimizer)
-        if common is None:
-            self._start_from_weights(path, meta)
-            return
+    def load_state_dict(self, common: dict, ranks: dict) -> None:
+        """`common` as state_dict gave it; `ranks`: every rank's rank_state_dict (`all`) and this rank's
+        own (`mine`, None when the world size changed)."""
         self.step, self.tokens, self.samples = common["step"], common["tokens"], common["samples"]
         self.skipped, self.stage_name = common["skipped"], common["stage"]
         self.spikes.load_state_dict(common.get("spike_detector"))
         # one loader state per data-parallel rank (tensor/expert-parallel peers share theirs)
         by_dp = {r["dp_rank"]: r["loader"] for r in ranks["all"]}
         self.loader_states = [by_dp[i] for i in sorted(by_dp)]
-        self.saved_step = self.step
         if ranks["mine"] is not None:
             set_rng_state(ranks["mine"]["rng"])
-        log.info(f"resumed from {path} at step {self.step}, {self.tokens:,} tokens, stage {self.stage_name}")
 
-    def _start_from_weights(self, path: Path, meta: dict) -> None:
-        """A weights-only checkpoint (glm-convert import): fresh optimizer state from the loaded
-        weights, schedules and data from the start of the first stage or of the one it names."""
+    def start_from_weights(self, path: Path, meta: dict) -> None:
+        """A weights-only checkpoint (glm-convert import) was loaded: schedules and data from the start
+        of the first stage or of the one it names."""
         from model.config import ConfigError
 
-        self.optimizer.reset()
         stage = meta.get("stage")
         if stage:
             found = [s for s in self.stages.list if s.name == stage]
@@ -263,68 +192,24 @@ class Trainer:
         log.info(f"starting from the weights in {path} (from {meta.get('source', 'an import')}), fresh optimizer, "
                  f"at {self.tokens:,} tokens (stage {self.stages.at(self.tokens).name})")
 
-    def save(self, required: bool = True) -> Path | None:
-        """Save this step (collective). A save that fails on any rank fails on every rank: with
-        faults.on_save_error=continue and not `required` (a periodic save), the run goes on and saves
-        again at the next interval; otherwise CheckpointSaveError (exit 4). None when it failed."""
-        from pretrain.checkpoint_io import CheckpointSaveError
+    def checkpoint_meta(self) -> dict:
+        """meta.json, for people and tools: where the run stands, its layout, and the model config as it
+        stands at this step (the stage's RoPE base, MTP weight and bias rate: what an export describes)."""
+        import dataclasses
 
-        watchdog.enter("checkpoint", self.step)
-        try:
-            return self._save()
-        except CheckpointSaveError as e:
-            self._save_failed(e, required)
-            return None
+        model = dataclasses.asdict(self.cfg.model)
+        stage = next((s for s in self.stages.list if s.name == self.stage_name), None)
+        if stage is not None:
+            values = stages_mod.settings(self.stages, stage, self.cfg.model)
+            model.update({k: v for k, v in values.items() if k in model})
+        upcoming = self.stages.at(self.tokens)
+        return {**self.state_dict(), "next_stage": upcoming.name if upcoming else None,
+                "world_size": dist.get_world_size(), "parallel": vars(self.cfg.parallel),
+                "experiment": self.cfg.experiment, "model": model}
 
-    def _save_failed(self, e: Exception, required: bool) -> None:
-        # TensorBoard has the count at the step where the failure became known, beside each logged
-        # step's: a background save's failure reaches the loop a step or more after the save began,
-        # whenever its writers end, and the last one may be known only after the last logged step
-        self.save_failures += 1
-        self.metrics.write({"checkpoint-save-failures": self.save_failures}, self.step, self.tokens)
-        self.metrics.text("checkpoint", f"step {self.step}: {e}", self.step)
-        if required or self.cfg.faults.on_save_error != "continue":
-            raise e
-        log.error(f"{e}; training goes on (faults.on_save_error=continue), the next save in "
-                  f"{self.cfg.train.save_every} steps")
-
-    def _save(self) -> Path:
-        self.finish_saving(wait=True)  # one save in flight at most
-        stage = self.stages.at(self.tokens)
-        common = {"step": self.step, "tokens": self.tokens, "samples": self.samples, "skipped": self.skipped,
-                  "stage": self.stage_name, "spike_detector": self.spikes.state_dict()}
-        per_rank = {"loader": self.loader.state_dict() if self.loader else self.loader_states[self.dp_rank],
-                    "dp_rank": self.dp_rank, "rng": rng_state()}
-        meta = {**common, "next_stage": stage.name if stage else None, "world_size": dist.get_world_size(),
-                "parallel": vars(self.cfg.parallel), "experiment": self.cfg.experiment, "model": self.model_now()}
-        path, held = self.checkpoints.save(self.step, self.chunks, self.optimizer, common, per_rank, meta,
-                                           hf_files=self.tokenizer_files())
-        self.saved_step = self.step
-        if self.checkpoints.pending is None:
-            log.info(f"saved {path} in {held:.1f} s")
-        else:
-            log.info(f"saving {path.name} in the background (training held {held:.1f} s)")
-        return path
-
-    def finish_saving(self, wait: bool = False, required: bool = False) -> None:
-        """Complete a background save whose writers are done (collective while one is in flight);
-        with `wait`, block until they are. A failed one: as in `save`."""
-        from pretrain.checkpoint_io import CheckpointSaveError
-
-        tick = time.perf_counter()
-        if wait and self.checkpoints.pending is not None:
-            watchdog.enter("checkpoint", self.step)
-        try:
-            path = self.checkpoints.poll(wait)
-        except CheckpointSaveError as e:
-            self.saved_step = -1  # that step was not saved after all
-            self._save_failed(e, required)
-            return
-        if path is not None:
-            log.info(f"saved {path}" + (f" (waited {time.perf_counter() - tick:.1f} s)" if wait else ""))
-
-    def tokenizer_files(self) -> tuple[Path, ...]:
-        """The current stage's tokenizer.json (saved beside its first local source's shards)."""
+    def hf_files(self) -> tuple[Path, ...]:
+        """Files to hand on with the weights: the current stage's tokenizer.json (saved beside its first
+        local source's shards)."""
         from data.format import TOKENIZER
 
         data = self.cfg.stage_data.get(self.stage_name)
@@ -334,18 +219,6 @@ class Trainer:
             if (path / TOKENIZER).is_file():
                 return (path / TOKENIZER,)
         return ()
-
-    def model_now(self) -> dict:
-        """The model config with the current stage's values (RoPE base, MTP weight, bias rate): what
-        an export of this step describes."""
-        import dataclasses
-
-        model = dataclasses.asdict(self.cfg.model)
-        stage = next((s for s in self.stages.list if s.name == self.stage_name), None)
-        if stage is not None:
-            values = stages_mod.settings(self.stages, stage, self.cfg.model)
-            model.update({k: v for k, v in values.items() if k in model})
-        return model
 
     # ---- stages ----------------------------------------------------------------------------
 
@@ -389,9 +262,7 @@ class Trainer:
                     f"again (the Slurm launcher requeues itself) to continue under the new layout")
         self.metrics.text("stage", f"stopped at step {self.step}: stage '{stage.name}' runs under "
                           f"{new.describe(world)}", self.step)
-        if self.saved_step != self.step:
-            self.save()
-        self.finish_saving(wait=True, required=True)
+        self.checkpoints.final()
         return EXIT_RESUME
 
     def data_skips(self) -> dict:
@@ -443,10 +314,11 @@ class Trainer:
         """After the spike step was logged: record it; under `rewind`, go back to the newest
         checkpoint and leave out the batches from there to here (True)."""
         policy, step = self.cfg.faults.spike.policy, self.step
-        self.finish_saving(wait=True)
-        latest = self.checkpoints.latest() if policy == "rewind" else None
-        back = latest is not None and self.saved_step >= 0
-        first = self.saved_step + 1 if back else step
+        self.checkpoints.finish(wait=True)
+        saved = self.checkpoints.saved_step  # (-1 if the save in flight failed)
+        latest = self.checkpoints.storage.latest() if policy == "rewind" else None
+        back = latest is not None and saved >= 0
+        first = saved + 1 if back else step
         steps = list(range(first, step + 1))
         what = (f"rewinding to {latest.name} and leaving out the batches of steps {first}-{step}" if back else
                 f"step {step} changed nothing and its batch is left out" +
@@ -457,7 +329,7 @@ class Trainer:
         self.metrics.text("loss spike", msg, step)
         self.spikes.add(step, steps, loss, median, policy if back else "skip")
         if back:
-            self._resume_from(latest)
+            self.checkpoints.load(latest)
             self.close_loader()
         return back
 
@@ -513,9 +385,7 @@ class Trainer:
             while True:
                 stage = self.stages.at(self.tokens)
                 if stage is None or (t.max_steps and self.step >= t.max_steps):
-                    if self.saved_step != self.step:
-                        self.save()
-                    self.finish_saving(wait=True, required=True)
+                    self.checkpoints.final()
                     log.info(f"done: step {self.step}, {self.tokens:,} tokens")
                     return EXIT_DONE
                 if self.loader is None or stage.name != self.stage_name:
@@ -551,7 +421,7 @@ class Trainer:
                 if logged:
                     flops = train_flops_per_token(cfg.model, self.seq_length) * batch_tokens
                     world = dist.get_world_size()
-                    s = {"lm loss": loss, **_over_stages({**_aux_scalars(cfg.model, seqs // granule, self.device),
+                    s = {"lm loss": loss, **over_stages({**aux_scalars(cfg.model, seqs // granule, self.device),
                                                           **self.load.scalars()}),
                          "learning-rate": lr, "batch-size": seqs, "grad-norm": info.grad_norm,
                          "params-norm": params_norm(self.chunks), "iteration-time": elapsed,
@@ -559,7 +429,7 @@ class Trainer:
                          "tokens-per-second": batch_tokens / elapsed, "consumed-tokens": self.tokens,
                          "stage": stage.index, "skipped-iterations": self.skipped, **self.data_skips(),
                          "loss-spikes": len(self.spikes.spikes) + (spike_median is not None),
-                         "checkpoint-save-failures": self.save_failures,
+                         "checkpoint-save-failures": self.checkpoints.failures,
                          **self.straggler.scalars(self.load.work_s, self.step),
                          "mfu": flops / elapsed / world / self.peak if self.peak else None}
                     if self.device.type == "cuda":
@@ -577,72 +447,16 @@ class Trainer:
                     self.metrics.write(v, self.step, self.tokens)
                     log.info(f"step {self.step:>6} [{stage.name}] validation: lm loss {v['lm loss validation']:.4f}, "
                              f"ppl {v['validation ppl']:.2f}")
-                self.finish_saving()
+                self.checkpoints.finish()
                 if t.save_every and self.step % t.save_every == 0:
-                    self.save(required=False)
+                    self.checkpoints.save(required=False)
                 if stop.should_stop():
                     log.warning(f"stopping early ({stop.reason}): saving step {self.step}")
-                    if self.saved_step != self.step:
-                        self.save()
-                    self.finish_saving(wait=True, required=True)
+                    self.checkpoints.final()
                     return EXIT_RESUME
         finally:
             stop.restore()
             self.metrics.close()
-
-
-class Stragglers:
-    """Each logged step: every rank's own work (pretrain/train.py ExpertLoad: from the step's start
-    until it joins the gradient all-reduce; a rank that waits for a slow peer inside the pipeline or
-    tensor/expert-parallel collectives before that counts as slow too) against the median of the ranks
-    of its pipeline stage, which do the same work. TensorBoard: the slowest rank and its ratio; the
-    console names a rank that stays slowest by more than `factor` for `steps` logged steps."""
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self.slowest, self.in_a_row = -1, 0
-
-    def scalars(self, work_s: float, step: int) -> dict:
-        from megatron.core import parallel_state as ps
-
-        world = dist.get_world_size()
-        if world == 1:
-            return {}
-        mine = torch.tensor([work_s, float(ps.get_pipeline_model_parallel_rank())], dtype=torch.float64)
-        every = [torch.zeros_like(mine) for _ in range(world)]
-        if dist.get_backend() == "nccl":
-            mine, every = mine.cuda(), [e.cuda() for e in every]
-        dist.all_gather(every, mine)
-        work = torch.stack(every).cpu()
-        ratios = torch.empty(world, dtype=torch.float64)
-        for stage in work[:, 1].unique():
-            peers = work[:, 1] == stage
-            ratios[peers] = work[peers, 0] / work[peers, 0].median().clamp(min=1e-9)
-        slowest = int(ratios.argmax())
-        ratio = float(ratios[slowest])
-        if ratio > self.cfg.factor:
-            self.in_a_row = self.in_a_row + 1 if slowest == self.slowest else 1
-            self.slowest = slowest
-            if self.in_a_row == self.cfg.steps or (self.in_a_row > self.cfg.steps and self.in_a_row % 100 == 0):
-                log.warning(f"straggler: rank {slowest} has been the slowest for {self.in_a_row} logged steps: its own "
-                            f"work took {work[slowest, 0]:.3f} s at step {step}, {ratio:.1f}x the median of its pipeline "
-                            f"stage's ranks (faults.straggler.factor={self.cfg.factor}); every rank waits for it")
-        else:
-            self.slowest, self.in_a_row = -1, 0
-        return {"straggler/slowest-rank": slowest, "straggler/slowest-over-median": ratio}
-
-
-def _over_stages(scalars: dict) -> dict:
-    """Scalars that each pipeline stage knows part of (its MoE layers; the MTP losses live on the
-    last stage), merged in stage order so the last stage's values win."""
-    from megatron.core import parallel_state as ps
-
-    if ps.get_pipeline_model_parallel_world_size() == 1:
-        return scalars
-    group = ps.get_pipeline_model_parallel_group()
-    out = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, scalars, group=group)
-    return {k: v for stage in out for k, v in stage.items()}
 
 
 def _all_gather_dp(obj) -> list:
@@ -743,12 +557,12 @@ def train(cfg: Config) -> int:
                      + f", {trainer.stages.total_tokens:,.0f} tokens in {len(trainer.stages.list)} "
                      f"stage(s), dtype {str(trainer.dtype).replace('torch.', '')}, peak {trainer.peak / 1e12:.2f} "
                      f"TFLOP/s ({trainer.peak_source})")
-        if not trainer.resume() and trainer.rank == 0:
+        if not trainer.checkpoints.resume() and trainer.rank == 0:
             log.info("starting from scratch (no checkpoint in this run directory)")
         code = trainer.run()
         watchdog.enter("shutdown", trainer.step)
         if code == EXIT_RESUME and trainer.rank == 0:
-            log.warning(f"stopped at step {trainer.step}, checkpoint {trainer.checkpoints.latest()} saved: start the "
+            log.warning(f"stopped at step {trainer.step}, checkpoint {trainer.checkpoints.storage.latest()} saved: start the "
                         f"same command again to resume (exit {EXIT_RESUME}; torchrun reports it as a failed worker)")
         # every rank has closed its files before any exits: a launcher that ends the others when
         # the first one exits (torchrun, srun --kill-on-bad-exit) cuts nothing short

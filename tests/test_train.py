@@ -550,13 +550,13 @@ def test_a_save_that_dies_midway_leaves_latest_on_the_previous_checkpoint(world1
     monkeypatch.setattr(dist_checkpointing, "save", dies_after_writing)
     first.step = 3
     with pytest.raises(SystemExit):
-        first.save()
+        first.checkpoints.save()
     assert (ckpts / "latest").read_text().strip() == "step-00000002"
     assert (ckpts / ".tmp-step-00000003").is_dir() and not (ckpts / "step-00000003").exists()
     monkeypatch.setattr(dist_checkpointing, "save", real_save)
 
     again = Trainer(compose(["experiment=tiny", "train.max_steps=3"]), tmp_path)
-    assert again.resume() and again.step == 2
+    assert again.checkpoints.resume() and again.step == 2
     assert again.run() == 0
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-00000002", "step-00000003"]
 
@@ -587,28 +587,28 @@ def test_asynchronous_save_writes_its_steps_state_while_training_goes_on(world1,
     monkeypatch.setattr(FileSystemWriterAsync, "write_preloaded_data_multiproc", staticmethod(slow_write))
     cfg = compose(["experiment=tiny", "train.max_steps=2", "train.async_save=true"])
     trainer = Trainer(cfg, tmp_path)
-    assert trainer.checkpoints.asynchronous
+    assert trainer.checkpoints.storage.asynchronous
     assert trainer.run() == 0  # the end of a run waits for its save
     ckpts = tmp_path / "checkpoints"
-    assert (ckpts / "latest").read_text().strip() == "step-00000002" and trainer.checkpoints.pending is None
+    assert (ckpts / "latest").read_text().strip() == "step-00000002" and trainer.checkpoints.storage.pending is None
 
     want = {k: v.detach().cpu().clone() for k, v in gather_whole(trainer.chunks).items()}
     gate.unlink()
     trainer.step = 3
-    trainer.save()
-    assert trainer.checkpoints.pending == ckpts / "step-00000003"
+    trainer.checkpoints.save()
+    assert trainer.checkpoints.storage.pending == ckpts / "step-00000003"
     with torch.no_grad():
         for chunk in trainer.chunks:
             for param in chunk.parameters():
                 param.add_(1.0)
-    assert trainer.checkpoints.poll() is None  # the writers wait at the gate
+    assert trainer.checkpoints.storage.poll() is None  # the writers wait at the gate
     assert (ckpts / "latest").read_text().strip() == "step-00000002"
     gate.touch()
-    trainer.finish_saving(wait=True)
+    trainer.checkpoints.finish(wait=True)
     assert (ckpts / "latest").read_text().strip() == "step-00000003" and not (ckpts / ".tmp-step-00000003").exists()
 
     again = Trainer(compose(["experiment=tiny", "train.max_steps=3"]), tmp_path)
-    assert again.resume() and again.step == 3
+    assert again.checkpoints.resume() and again.step == 3
     got = {k: v.detach().cpu() for k, v in gather_whole(again.chunks).items()}
     assert got.keys() == want.keys()
     for k in want:
