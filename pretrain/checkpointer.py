@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -41,7 +42,8 @@ def async_save(setting: str) -> bool:
 
 class Checkpointer:
     def __init__(self, run_dir: Path, cfg, trainer):
-        self.trainer = trainer
+        # not a reference that keeps the trainer (its model, its loader's worker processes) alive
+        self.trainer = weakref.proxy(trainer)
         self.storage = CheckpointManager(run_dir, cfg.train.keep_last, asynchronous=async_save(cfg.train.async_save))
         self.on_save_error, self.save_every = cfg.faults.on_save_error, cfg.train.save_every
         self.saved_step = -1  # the newest step saved (or being saved) by this process, or resumed from

@@ -7,36 +7,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import socket
 
 from model.config import ParallelConfig  # noqa: F401  (the layout, re-exported for callers)
-
-
-def _ephemeral_start() -> int:
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def free_port() -> int:
-    """A port free now for a rendezvous, chosen below the kernel's ephemeral range: gloo and NCCL
-    open many connections from that range, and one of them may take a port picked from it between
-    the pick and the store's bind (EADDRINUSE)."""
-    import random
-
-    low, high = 20000, _ephemeral_start()
-    for port in random.sample(range(low, high), min(64, max(high - low, 0))):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    with socket.socket() as s:  # no range below the ephemeral one: any free port
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def slurm_environment(env=None) -> dict:
@@ -87,12 +59,15 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_s: int 
         os.environ.update(slurm_environment())
         rank = int(os.environ.get("RANK", 0))
         world = int(os.environ.get("WORLD_SIZE", 1))
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
+        # a world of one needs no rendezvous: an in-process store, no TCP port to pick (and lose to
+        # another process between the pick and the bind)
+        store = dist.HashStore() if world == 1 and "MASTER_PORT" not in os.environ else None
+        if store is None:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world, store=store,
                                 timeout=datetime.timedelta(seconds=timeout_s))
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
@@ -125,7 +100,8 @@ def single_process():
     started = not dist.is_initialized()
     saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
     if started:
-        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_PORT=str(free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1")
+        os.environ.pop("MASTER_PORT", None)  # an in-process store (init_distributed)
     try:
         init_distributed(ParallelConfig())
         yield

@@ -547,6 +547,7 @@ def train(cfg: Config) -> int:
     # the process groups' own timeout is a backstop behind the watchdog's (pretrain/watchdog.py)
     init_distributed(cfg.parallel, seed=cfg.train.seed,
                      timeout_s=int(watchdog.backstop_s(cfg.faults.watchdog, run_dir)))
+    trainer = None
     try:
         trainer = Trainer(cfg, run_dir)
         if trainer.rank == 0:
@@ -570,5 +571,10 @@ def train(cfg: Config) -> int:
             dist.barrier()
         return code
     finally:
+        if trainer is not None:
+            # the loader's worker processes end now: they ignore SIGTERM (a scheduler's stop signal is
+            # the training process's to act on, data/loader.py), so the interpreter's exit, which
+            # terminates and joins its children, would wait for them for good
+            trainer.close_loader()
         shutdown_distributed()
 

@@ -1,13 +1,40 @@
 """Run a function in N fresh gloo processes (a world of N on this machine) and collect results."""
 
 import os
+import socket
 import time
 import traceback
 
 import torch
 import torch.multiprocessing as mp
 
-from pretrain.parallel import free_port
+
+def _ephemeral_start() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port() -> int:
+    """A port free now for a rendezvous, chosen below the kernel's ephemeral range: gloo and NCCL
+    open many connections from that range, and one of them may take a port picked from it between
+    the pick and the store's bind (EADDRINUSE; `run` retries then). The training runs of the tests
+    need none: torchrun --standalone binds its own, a world of one uses an in-process store."""
+    import random
+
+    low, high = 20000, _ephemeral_start()
+    for port in random.sample(range(low, high), min(64, max(high - low, 0))):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # no range below the ephemeral one: any free port
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _entry(rank, world, port, out_dir, fn, args):

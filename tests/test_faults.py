@@ -21,7 +21,6 @@ import pytest
 import torch
 
 from pretrain.faults import EXIT_HUNG, EXIT_SAVE_FAILED, EXIT_UNSTABLE, TEST_FAULTS_ENV
-from pretrain.parallel import free_port
 from pretrain.watchdog import HEARTBEAT_ENV, descendants
 from tests.test_train import ROOT, _env, final_model, scalars
 
@@ -43,7 +42,7 @@ def data_root(tmp_path_factory) -> Path:
 
 def _command(run_dir: Path, *overrides: str, nproc: int) -> list[str]:
     launch = [sys.executable, "-m", "pretrain"] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone",
          "-m", "pretrain"]
     return [*launch, "experiment=tiny", f"run.dir={run_dir}", *overrides]
 

@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from pretrain import schedules
-from pretrain.parallel import free_port
 from pretrain.faults import EXIT_RESUME, TEST_FAULTS_ENV
 
 # one pytest worker runs this whole module: its runs share the data and the uninterrupted reference
@@ -71,7 +70,7 @@ def data_root(tmp_path_factory) -> Path:
 
 def _command(run_dir: Path, *overrides: str, nproc: int = 1) -> list[str]:
     launch = [sys.executable, "-m", "pretrain"] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone",
          "-m", "pretrain"]
     return [*launch, "experiment=tiny", f"run.dir={run_dir}", *overrides]
 
@@ -84,11 +83,8 @@ def _env(data_root: Path) -> dict:
 
 
 def _run(data_root, run_dir, *overrides, nproc=1, expect=0) -> str:
-    for _ in range(3):  # a rendezvous port taken between its pick and torchrun's bind: another port
-        p = subprocess.run(_command(run_dir, *overrides, nproc=nproc), env=_env(data_root), cwd=ROOT,
-                           capture_output=True, text=True, timeout=600)
-        if "EADDRINUSE" not in p.stdout + p.stderr:
-            break
+    p = subprocess.run(_command(run_dir, *overrides, nproc=nproc), env=_env(data_root), cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
     assert p.returncode == expect, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p.stdout
 
