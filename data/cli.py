@@ -9,6 +9,7 @@ import sys
 
 from data.config import DataConfigError
 from data.format import DataError
+from data.objstore import ObjectStoreError
 
 EPILOG = """\
 examples:
@@ -19,9 +20,12 @@ examples:
   glm-data prepare repos/ --repo-level --sample-tokens 32768 --tokenizer /models/GLM-4.5 -o /data/repo_32k
   glm-data prepare 'crawl/*.jsonl.zst' --tokenizer /models/GLM-4.5 -o /data/web --part 3/64   (x 64, then:)
   glm-data prepare 'crawl/*.jsonl.zst' --tokenizer /models/GLM-4.5 -o /data/web --merge 64
+  glm-data prepare 's3://raw/crawl/*.jsonl.zst' --tokenizer /models/GLM-4.5 -o s3://corpus/web
+      (object storage: AWS_ENDPOINT_URL for another S3-compatible store; credentials as the AWS tools take them)
   glm-data inspect outputs/data/embedded/code
   glm-data inspect outputs/data/embedded/code/shard-000003.tar -n 2
   glm-data inspect --verify /data/web
+  glm-data inspect --verify s3://corpus/web
   glm-data inspect --stage data=smoke
 """
 
@@ -38,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="JSONL (.jsonl, .jsonl.gz, .jsonl.zst), JSON (one document or a list), "
                    "Parquet or text files, "
                    "directories, globs, or embedded:general / embedded:code")
-    p.add_argument("-o", "--out", required=True, help="output directory (one dataset)")
+    p.add_argument("-o", "--out", required=True, help="output directory (one dataset), or an s3://bucket/prefix: "
+                   "each shard is staged in a temporary directory, uploaded when complete, the manifest last")
     p.add_argument("--name", default="", help="dataset name recorded in the samples (default: the directory name)")
     p.add_argument("--tokenizer", help="a Hugging Face tokenizer.json or a directory holding one; default: a "
                    "byte-level BPE trained here on the embedded corpus, saved beside the shards")
@@ -113,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except DataError as e:
         print(f"glm-data: {e}", file=sys.stderr)
+        return 2
+    except ObjectStoreError as e:  # a listing, an upload or a manifest read from the store, for good
+        print(f"glm-data: {e.message}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         sys.stdout = open(os.devnull, "w")

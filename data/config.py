@@ -15,14 +15,18 @@ class DataConfigError(ValueError):
 
 PACKING = ("concat", "best_fit")
 ON_ERROR = ("fail", "skip")
+# how the loader reads rather than what: set once (the `data` group) for every stage of a run
+LOADER_SETTINGS = ("num_workers", "on_error", "max_skip_fraction", "holdout_shards", "read_timeout_s", "read_tries",
+                   "read_retry_s")
 
 
 @dataclass
 class SourceConfig:
     name: str = MISSING
-    # a prepared directory, or a manifest.json path or URL (pipe:/http)
+    # a prepared directory (local, or on object storage: s3://bucket/prefix), or a manifest.json path
+    # or URL (s3://, http(s)://, pipe:)
     path: str = MISSING
-    # optional brace pattern for the shards, e.g. "pipe:aws s3 cp s3://b/code/shard-{000000..000127}.tar -"
+    # optional brace pattern for the shards, e.g. "s3://b/code/shard-{000000..000127}.tar"
     urls: Optional[str] = None
     # share of the stage's sequences drawn from this source (normalised over the sources)
     weight: float = 1.0
@@ -43,6 +47,14 @@ class DataConfig:
     max_skip_fraction: float = 0.01
     # The last N shards of every source are held out: validation reads them, training never does.
     holdout_shards: int = 0
+    # reads from object storage (s3://; data/objstore.py): a transient error (a cut or refused
+    # connection, 5xx, throttling, no byte for read_timeout_s) is retried with backoff, resuming at
+    # the byte where it stopped, up to read_tries times and read_retry_s seconds of failing per shard;
+    # past that the shard goes the on_error way. The defaults ride out a store away for a minute and
+    # give up before the watchdog's 120 s floor for a step.
+    read_timeout_s: float = 20.0
+    read_tries: int = 30
+    read_retry_s: float = 100.0
 
     def validate(self, where: str = "data") -> "DataConfig":
         if not self.sources:
@@ -66,7 +78,18 @@ class DataConfig:
             raise DataConfigError(f"{where}: data.holdout_shards={self.holdout_shards} must be >= 0")
         if self.num_workers < 0:
             raise DataConfigError(f"{where}: data.num_workers={self.num_workers} must be >= 0")
+        for name in ("read_timeout_s", "read_retry_s"):
+            if not getattr(self, name) > 0:
+                raise DataConfigError(f"{where}: data.{name}={getattr(self, name)} must be positive")
+        if self.read_tries < 1:
+            raise DataConfigError(f"{where}: data.read_tries={self.read_tries} must be >= 1")
         return self
+
+    def retries(self):
+        """How reads from object storage try again (data/objstore.py)."""
+        from data.objstore import Retries
+
+        return Retries(timeout_s=self.read_timeout_s, tries=self.read_tries, give_up_s=self.read_retry_s)
 
     def weights(self) -> list[float]:
         total = sum(s.weight for s in self.sources)

@@ -1,6 +1,8 @@
 """Raw inputs for `prepare`: JSONL and JSON (optionally .gz/.zst), Parquet and plain-text files, given as
 files, directories (walked recursively) or globs, plus `embedded:general` / `embedded:code`; with
---repo-level, directories of repositories (each first-level subdirectory one document).
+--repo-level, directories of repositories (each first-level subdirectory one document). Files may be
+on object storage: `s3://bucket/key`, a prefix ending in / (every object under it), or a glob
+(`s3://raw/crawl/*.jsonl.zst`), read through data/objstore.py's retries.
 
 Every document gets a stable id (`path:line`, `path:row`, or `path`) that goes into the shard
 metadata, so any token can be traced back to where it came from.
@@ -8,17 +10,20 @@ metadata, so any token can be traced back to where it came from.
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import gzip
 import io
 import json
 import re
+import tempfile
 import zlib
 from pathlib import Path
 from typing import Iterator
 
 import zstandard
 
+from data import objstore
 from data.corpus import PARTS, Document, documents
 from data.format import DataError
 
@@ -54,11 +59,18 @@ def repository_files(repo: Path) -> list[Path]:
                   key=lambda p: p.relative_to(repo).as_posix())
 
 
+_remote_sizes: dict[str, int] = {}  # object sizes seen when expanding s3:// inputs
+
+
 def input_bytes(spec: str) -> int:
     """Bytes of one expanded input (a repository: all its files), for balancing --part ranges."""
     path = Path(spec)
     if spec.startswith(EMBEDDED):
         return 1
+    if objstore.is_url(spec):
+        if spec not in _remote_sizes:
+            _remote_sizes[spec] = objstore.size(spec)
+        return max(_remote_sizes[spec], 1)
     if path.is_dir():
         return max(sum(f.stat().st_size for f in repository_files(path)), 1)
     return max(path.stat().st_size, 1)
@@ -72,6 +84,9 @@ def expand(specs: list[str]) -> list[str]:
             if spec[len(EMBEDDED):] not in PARTS:
                 raise DataError(f"{spec}: the embedded corpus has parts {', '.join(EMBEDDED + p for p in PARTS)}")
             out.append(spec)
+            continue
+        if objstore.is_url(spec):
+            out.extend(_expand_remote(spec))
             continue
         path = Path(spec)
         if path.is_dir():
@@ -87,6 +102,24 @@ def expand(specs: list[str]) -> list[str]:
                 raise DataError(f"{spec}: no such file, directory or matching glob")
         out.extend(files)
     return list(dict.fromkeys(out))
+
+
+def _expand_remote(spec: str) -> list[str]:
+    """An s3:// input: one object, every object under a prefix ending in /, or a glob (*, ?, [...]; `*`
+    crosses `/` as in `aws s3 ls --recursive`), hidden names (a path part starting with .) left out."""
+    glob_at = min((spec.index(c) for c in "*?[" if c in spec), default=None)
+    listed = objstore.list_objects(spec[:glob_at] if glob_at is not None else spec)
+    if glob_at is not None:
+        found = [(u, n) for u, n in listed if fnmatch.fnmatchcase(u, spec)]
+    elif spec.endswith("/"):
+        found = listed
+    else:
+        found = [(u, n) for u, n in listed if u == spec]
+    found = [(u, n) for u, n in found if not any(part.startswith(".") for part in u[len(objstore.SCHEME):].split("/")[1:])]
+    if not found:
+        raise DataError(f"{spec}: no such object, or none under the prefix or matching the glob")
+    _remote_sizes.update(found)
+    return [u for u, _ in found]
 
 
 class Reader:
@@ -106,7 +139,9 @@ class Reader:
         """The documents of one expanded input."""
         if spec.startswith(EMBEDDED):
             yield from documents(spec[len(EMBEDDED):])
-        elif Path(spec).is_dir():
+        elif objstore.is_url(spec) and spec.endswith(PARQUET_SUFFIXES):
+            yield from self._remote_parquet(spec)
+        elif not objstore.is_url(spec) and Path(spec).is_dir():
             yield from self._repository(spec)
         elif spec.endswith(JSONL_SUFFIXES):
             yield from self._jsonl(spec)
@@ -115,7 +150,7 @@ class Reader:
         elif spec.endswith(PARQUET_SUFFIXES):
             yield from self._parquet(spec)
         else:
-            data = Path(spec).read_bytes()
+            data = objstore.read_bytes(spec) if objstore.is_url(spec) else Path(spec).read_bytes()
             try:
                 text = data.decode("utf-8")
             except UnicodeDecodeError:
@@ -178,6 +213,8 @@ class Reader:
             with _open_bytes(path) as f:
                 for line_no, raw in enumerate(f, 1):
                     yield line_no, raw
+        except objstore.ObjectStoreError as e:  # the store, for good: not the file's fault
+            raise DataError(f"{e.message} (after line {line_no})") from None
         except (EOFError, OSError, zlib.error, zstandard.ZstdError, _Truncated) as e:
             raise DataError(f"{path}: damaged or truncated compressed data after line {line_no} "
                             f"({type(e).__name__}: {e})") from None
@@ -213,6 +250,16 @@ class Reader:
         if not isinstance(text, str):
             raise DataError(f"{where}: '{self.field}' is {type(text).__name__}, not a string")
         return Document(where, self._text(text, where))
+
+    def _remote_parquet(self, url: str) -> Iterator[Document]:
+        """Parquet is read by offsets from its end: staged whole in a temporary file first."""
+        with tempfile.NamedTemporaryFile(suffix=".parquet") as f:
+            with objstore.open_read(url) as src:
+                while chunk := src.read(1 << 22):
+                    f.write(chunk)
+            f.flush()
+            for doc in self._parquet(f.name):
+                yield Document(url + doc.id[len(f.name):], doc.text, doc.files)
 
     def _parquet(self, path: str) -> Iterator[Document]:
         import pyarrow.parquet as pq
@@ -250,7 +297,7 @@ class _ZstdLines(io.RawIOBase):
     that ends inside a frame raises _Truncated instead of ending quietly."""
 
     def __init__(self, path: str):
-        self.f = open(path, "rb")
+        self.f = _raw(path)
         self.dctx = zstandard.ZstdDecompressor()
         self.obj = self.dctx.decompressobj()
         self.pending, self.at = b"", 0  # decompressed bytes not yet handed out start at `at`
@@ -286,9 +333,23 @@ class _ZstdLines(io.RawIOBase):
         super().close()
 
 
+def _raw(path: str):
+    return objstore.open_read(path) if objstore.is_url(path) else open(path, "rb")
+
+
+class _GzipOver(gzip.GzipFile):
+    """gzip over a file object it closes when closed (an object on the store)."""
+
+    def close(self) -> None:
+        raw = self.fileobj
+        super().close()
+        if raw is not None:
+            raw.close()
+
+
 def _open_bytes(path: str):
-    if path.endswith(".gz"):
-        return gzip.open(path, "rb")  # reads every member; CRC and length checked, truncation raises
+    if path.endswith(".gz"):  # reads every member; CRC and length checked, truncation raises
+        return _GzipOver(fileobj=_raw(path), mode="rb") if objstore.is_url(path) else gzip.open(path, "rb")
     if path.endswith(".zst"):
         return io.BufferedReader(_ZstdLines(path), 1 << 16)
-    return open(path, "rb")
+    return _raw(path)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data import format as fmt, tokenizer as toks
+from data import format as fmt, objstore, tokenizer as toks
 from data.stream import check_shard, decoded_shard, open_dataset
 
 
@@ -18,8 +18,13 @@ def _preview(text: str, width: int) -> str:
     return text if len(text) <= width else text[:width] + f"... ({len(text):,} chars)"
 
 
-def _tokenizer_beside(path: Path, given: str | None):
-    candidate = Path(given) if given else path / fmt.TOKENIZER
+def _tokenizer_beside(path: Path | str, given: str | None):
+    """The tokenizer given, or the one beside the shards (a directory, or an s3:// prefix); None if there
+    is none (token ids are shown instead)."""
+    if not given and objstore.is_url(str(path)):
+        url = f"{str(path).rstrip('/')}/{fmt.TOKENIZER}"
+        return toks.Tokenizer.from_str(objstore.read_bytes(url).decode()) if objstore.exists(url) else None
+    candidate = Path(given) if given else Path(path) / fmt.TOKENIZER
     return toks.load(candidate) if candidate.exists() else None
 
 
@@ -33,14 +38,15 @@ def _show_samples(ds, index: int, samples: int, width: int, tok, out: io.TextIOB
 
 def shard(path: str, samples: int, width: int, tokenizer: str | None, out: io.TextIOBase) -> None:
     """The first `samples` samples of one shard file, decoded to text when a tokenizer is at hand."""
-    p = Path(path)
-    if not (p.parent / fmt.MANIFEST).exists():
+    base, _, shard_name = path.rpartition("/")
+    base = base or "."
+    if not objstore.is_url(path) and not (Path(base) / fmt.MANIFEST).exists():
         raise fmt.DataError(f"{path}: no manifest beside it that lists this shard")
-    ds = open_dataset(p.parent.name, str(p.parent))
-    index = next((i for i, s in enumerate(ds.manifest["shards"]) if s["name"] == p.name), None)
+    ds = open_dataset(base.rsplit("/", 1)[-1], base)
+    index = next((i for i, s in enumerate(ds.manifest["shards"]) if s["name"] == shard_name), None)
     if index is None:
         raise fmt.DataError(f"{path}: no manifest beside it that lists this shard")
-    _show_samples(ds, index, samples, width, _tokenizer_beside(p.parent, tokenizer), out)
+    _show_samples(ds, index, samples, width, _tokenizer_beside(base, tokenizer), out)
 
 
 def dataset(path: str, samples: int, width: int, out: io.TextIOBase) -> None:
@@ -66,7 +72,7 @@ def dataset(path: str, samples: int, width: int, out: io.TextIOBase) -> None:
         print(f"    ... and {len(m['inputs']) - 20} more inputs", file=out)
     if samples and not path.startswith("pipe:"):
         print(f"first {samples} sample(s) of {m['shards'][0]['name']}:", file=out)
-        _show_samples(ds, 0, samples, width, _tokenizer_beside(Path(path), None), out)
+        _show_samples(ds, 0, samples, width, _tokenizer_beside(path, None), out)
 
 
 def verify(path: str, out: io.TextIOBase) -> int:

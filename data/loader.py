@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data import format as fmt
 from data.config import DataConfig
 from data.packing import BestFitPacker, ConcatPacker
+from data.objstore import Counters
 from data.stream import Dataset, ErrorPolicy, SlotStream, held_out, open_dataset, sum_counts
 
 STATE_VERSION = 2
@@ -37,7 +38,8 @@ STATE_VERSION = 2
 def open_sources(cfg: DataConfig, model_vocab: int | None = None, part: str = "train") -> list[Dataset]:
     """Open every source's manifest and check they share one tokenizer that fits the model; keep the
     training or the validation part of each (`cfg.holdout_shards`)."""
-    datasets = [held_out(open_dataset(s.name, s.path, s.urls), cfg.holdout_shards, part) for s in cfg.sources]
+    datasets = [held_out(open_dataset(s.name, s.path, s.urls, cfg.retries()), cfg.holdout_shards, part)
+                for s in cfg.sources]
     first = datasets[0]
     for ds in datasets[1:]:
         if ds.tokenizer_sha != first.tokenizer_sha:
@@ -61,6 +63,7 @@ class Mixture:
         self.weights = np.array(cfg.weights())
         saved = saved or {}
         self.policy = ErrorPolicy(cfg.on_error, cfg.max_skip_fraction, saved.get("skips"))
+        self.reads = Counters.from_state(saved.get("reads"))  # what reads from object storage cost
         mix = saved.get("mixture", {})
         same_mix = mix.get("names") == [d.name for d in datasets] and np.allclose(mix.get("weights", []), self.weights)
         self.counts = np.array(mix["counts"] if same_mix else [0] * len(datasets), dtype=np.int64)
@@ -69,7 +72,7 @@ class Mixture:
             s = saved.get("sources", {}).get(ds.name, {})
             start = s.get("packer", {}).get("at") or s.get("live")
             stream = SlotStream(ds, slot, n_slots, cfg.seed, cfg.shuffle_window, ds.vocab_size, self.policy,
-                                exclude=s.get("exclude"), position=start)
+                                exclude=s.get("exclude"), position=start, counters=self.reads)
             packer_state = s.get("packer")
             if cfg.packing == "concat":
                 packer = ConcatPacker(stream, cfg.seq_length, packer_state)
@@ -93,7 +96,7 @@ class Mixture:
     def state(self) -> dict:
         return {"mixture": {"names": [d.name for d in self.datasets], "weights": self.weights.tolist(),
                             "counts": self.counts.tolist()},
-                "skips": self.policy.state(),
+                "skips": self.policy.state(), "reads": self.reads.state(),
                 "sources": {ds.name: {"dataset": ds.identity, "live": st.position(), "packer": p.state(),
                                       "exclude": {str(e): v for e, v in st.exclude.items()}}
                             for ds, st, p in zip(self.datasets, self.streams, self.packers)}}
@@ -172,8 +175,11 @@ class TokenLoader:
 
     def stats(self) -> dict:
         """Counts for the training metrics (this rank): bad data skipped (shards, samples and tokens,
-        in total and per source as `skipped_tokens/<source>`), sequences drawn per source."""
+        in total and per source as `skipped_tokens/<source>`), sequences drawn per source, and what reads
+        from object storage cost (read_retries, read_seconds, read_bytes)."""
         out = sum_counts([w.get("skips") for w in self.worker_states])
+        reads = Counters.total(w.get("reads") for w in self.worker_states)
+        out.update(read_retries=reads.retries, read_seconds=reads.seconds, read_bytes=reads.bytes)
         for w in self.worker_states:
             mix = w.get("mixture", {})
             for name, n in zip(mix.get("names", []), mix.get("counts", [])):
@@ -230,7 +236,9 @@ class TokenLoader:
         # the skips counted so far move to the first new reader (the shards they name are behind
         # every reader now)
         merged = ErrorPolicy.merged([w.get("skips") for s in states for w in s["workers"]])
-        return [{"sources": copy.deepcopy(sources), "skips": merged if i == 0 and self.rank == 0 else None}
+        reads = Counters.total(w.get("reads") for s in states for w in s["workers"])
+        return [{"sources": copy.deepcopy(sources), "skips": merged if i == 0 and self.rank == 0 else None,
+                 "reads": reads.state() if i == 0 and self.rank == 0 else None}
                 for i in range(self.n_workers)]
 
     # --- iteration ---------------------------------------------------------------------------------

@@ -12,10 +12,18 @@ of N contiguous ranges of the inputs (balanced by bytes) into `<out>.parts/`, an
 then writes the shards and manifest from the N parts, byte for byte those of one run over all
 inputs. That holds because samples never span chunks and chunks never span inputs: an input's
 samples do not depend on any other input, only the cut into shards does, and the merge makes it.
+
+The output may be on object storage (`-o s3://bucket/prefix`, data/objstore.py): each file is
+staged in a local temporary directory, uploaded once complete (retried as reads are) and deleted;
+the tokenizer goes first and the manifest last, so a dataset without its manifest is visibly
+incomplete (and one being replaced loses its manifest first). With --overwrite, every object under
+the prefix that the new manifest does not list is removed at the end. Parts go to
+`s3://bucket/prefix.parts/`; the merge reads them from there.
 """
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import multiprocessing
@@ -30,7 +38,7 @@ import numpy as np
 import webdataset as wds
 import zstandard
 
-from data import fim, format as fmt, inputs, tokenizer as toks
+from data import fim, format as fmt, inputs, objstore, tokenizer as toks
 from data.corpus import Document
 
 CHUNK_DOCS = 256  # documents per unit of work; samples never span chunks
@@ -214,8 +222,9 @@ def _jobs(files: list[str], reader: inputs.Reader) -> Iterator[tuple[int, list[D
 class ShardWriter:
     """Writes samples into shard-NNNNNN.tar files of about `shard_tokens` tokens each."""
 
-    def __init__(self, out: Path, shard_tokens: int):
+    def __init__(self, out: Path, shard_tokens: int, publish=None):
         self.out, self.shard_tokens = out, shard_tokens
+        self.publish = publish  # called with each complete shard's path (an upload to object storage)
         self.shards: list[dict] = []
         self.tar = None
 
@@ -241,6 +250,8 @@ class ShardWriter:
         self.tmp.replace(final)
         self.shards.append({**self.current, "bytes": final.stat().st_size, "sha256": fmt.sha256_file(final)})
         self.tar = None
+        if self.publish is not None:
+            self.publish(final)
 
     def abort(self) -> None:
         """On an error: close the shard being written and remove it (the finished ones stay for
@@ -282,10 +293,26 @@ def check_output(out: Path, specs: list[str], files: list[str], overwrite: bool)
             raise fmt.DataError(f"input {f} lies inside -o {out}, which prepare replaces")
 
 
-def parts_dir(out: str | Path) -> Path:
-    """Where `--part` runs leave their parts for `--merge`: beside the output."""
+def parts_dir(out: str | Path) -> Path | str:
+    """Where `--part` runs leave their parts for `--merge`: beside the output (an s3:// prefix beside
+    an s3:// output)."""
+    if objstore.is_url(str(out)):
+        return f"{str(out).rstrip('/')}.parts"
     out = Path(out)
     return out.parent / f"{out.name}.parts"
+
+
+def _at(where: Path | str, *names: str) -> Path | str:
+    """A file of a local directory or of an s3:// prefix."""
+    return f"{where}/{'/'.join(names)}" if isinstance(where, str) else where.joinpath(*names)
+
+
+def _read(location: Path | str) -> bytes:
+    return objstore.read_bytes(location) if isinstance(location, str) else location.read_bytes()
+
+
+def _exists(location: Path | str) -> bool:
+    return objstore.exists(location) if isinstance(location, str) else location.is_file()
 
 
 def _part_name(i: int, n: int) -> str:
@@ -315,6 +342,8 @@ def prepare(opts: Options, progress: bool = True) -> dict:
 
     opts.validate()
     files = inputs.expand_repositories(opts.inputs) if opts.repo_level else inputs.expand(opts.inputs)
+    if objstore.is_url(opts.out):
+        return _prepare_to_store(opts, files, progress)
     out = Path(opts.out)
     name = opts.name or out.resolve().name
     target = out
@@ -341,6 +370,45 @@ def prepare(opts: Options, progress: bool = True) -> dict:
         raise
     if opts.merge is not None:
         shutil.rmtree(parts_dir(out), ignore_errors=True)  # the dataset holds all of it now
+    return manifest
+
+
+def _prepare_to_store(opts: Options, files: list[str], progress: bool) -> dict:
+    """`prepare` with its output on object storage (see the module's docstring)."""
+    import tempfile
+
+    out = opts.out.rstrip("/")
+    bucket, key = objstore.split(out)
+    if not key:
+        raise fmt.DataError(f"-o {opts.out}: name a prefix inside the bucket (s3://{bucket}/NAME): a dataset is "
+                            "one prefix, and --overwrite removes what else lies under it")
+    name = opts.name or key.rsplit("/", 1)[-1]
+    target = _at(parts_dir(out), _part_name(*opts.part_of())) if opts.part is not None else out
+    last = _PART if opts.part is not None else fmt.MANIFEST
+    existing = objstore.list_keys(f"{target}/")
+    if existing and not (opts.overwrite or opts.part is not None):
+        what = "a prepared dataset" if f"{target}/{fmt.MANIFEST}" in existing else "objects that are not a prepared dataset"
+        raise fmt.DataError(f"-o {out}: already holds {what} ({len(existing)} objects); pass --overwrite to replace it")
+    if opts.merge is None and opts.part is None:
+        for spec in opts.inputs:
+            if objstore.is_url(spec) and (spec.startswith(f"{out}/") or spec.rstrip("/") == out):
+                raise fmt.DataError(f"input {spec} lies inside -o {out}, which prepare replaces")
+    if f"{target}/{last}" in existing:  # replaced: visibly incomplete from now until the new one is written
+        objstore.delete([f"{target}/{last}"])
+    written: list[str] = []
+
+    def publish(path: Path) -> None:
+        objstore.upload(path, f"{target}/{path.name}")
+        written.append(f"{target}/{path.name}")
+        path.unlink()  # staged no longer than it takes to upload
+
+    with tempfile.TemporaryDirectory(prefix="glm-prepare-") as staging:
+        manifest = _prepare_into(Path(staging), name, files, opts, progress, publish)
+    stale = [k for k in existing if k not in written]
+    if stale:
+        objstore.delete(stale)
+    if opts.merge is not None:
+        objstore.delete(objstore.list_keys(f"{parts_dir(out)}/"))  # the dataset holds all of it now
     return manifest
 
 
@@ -378,10 +446,15 @@ def _encoded(files: list[str], todo: range, tok_json: str, settings: dict, opts:
             pool.terminate()
 
 
-def _prepare_into(out: Path, name: str, files: list[str], opts: Options, progress: bool) -> dict:
+def _prepare_into(out: Path, name: str, files: list[str], opts: Options, progress: bool, publish=None) -> dict:
+    """Everything written into the directory `out`; `publish(path)`, where given, takes each file once it
+    is complete (the tokenizer first, the manifest, or a part's record, last)."""
     started = time.perf_counter()
+    publish = publish or (lambda path: None)
     tok, tok_source, ids = _tokenizer(opts)
     tok.save(str(out / fmt.TOKENIZER))
+    if opts.part is None:
+        publish(out / fmt.TOKENIZER)
     dtype = fmt.dtype_for(toks.vocab_size(tok))
     shard_tokens = opts.shard_tokens or (EMBEDDED_SHARD_TOKENS if all(f.startswith(inputs.EMBEDDED) for f in files)
                                          else DEFAULT_SHARD_TOKENS)
@@ -391,8 +464,8 @@ def _prepare_into(out: Path, name: str, files: list[str], opts: Options, progres
     reader = inputs.Reader(opts.text_field, opts.invalid_utf8)
     per_input = [{"path": f, "documents": 0, "empty": 0, "tokens": 0} for f in files]
     if opts.part is not None:
-        return _write_part(out, files, opts, tok, settings, reader, per_input, progress)
-    writer = ShardWriter(out, shard_tokens)
+        return _write_part(out, files, opts, tok, settings, reader, per_input, progress, publish)
+    writer = ShardWriter(out, shard_tokens, publish)
     try:
         if opts.merge is not None:
             per_input = _merge_parts(writer, files, opts, tok, progress)
@@ -418,6 +491,7 @@ def _prepare_into(out: Path, name: str, files: list[str], opts: Options, progres
          "shard_tokens": shard_tokens, "zstd_level": opts.zstd_level, "invalid_utf8": opts.invalid_utf8,
          **({"repo_level": True} if opts.repo_level else {})})
     fmt.write_manifest(out, manifest)
+    publish(out / fmt.MANIFEST)
     manifest["elapsed_s"] = time.perf_counter() - started  # reported, not stored: shards stay reproducible
     return manifest
 
@@ -444,7 +518,7 @@ def _digest(text: str) -> str:
 
 
 def _write_part(out: Path, files: list[str], opts: Options, tok, settings: dict, reader, per_input: list[dict],
-                progress: bool) -> dict:
+                progress: bool, publish) -> dict:
     i, n = opts.part_of()
     todo = ranges(files, n)[i]
     rows = []
@@ -464,6 +538,8 @@ def _write_part(out: Path, files: list[str], opts: Options, tok, settings: dict,
               "tokenizer_sha256": _digest(tok.to_str()), "per_input": [per_input[j] for j in todo],
               "samples": len(rows), "tokens": sum(r[1] for r in rows)}
     (out / _PART).write_text(json.dumps(record, indent=1) + "\n")
+    for file in (_SAMPLES, _INDEX, _PART):  # the record last: a part without it is not done
+        publish(out / file)
     return record
 
 
@@ -475,27 +551,29 @@ def _merge_parts(writer: ShardWriter, files: list[str], opts: Options, tok, prog
     n = opts.merge
     where = parts_dir(opts.out)
     names = [_part_name(i, n) for i in range(n)]
-    missing = [x for x in names if not (where / x / _PART).is_file()]
+    missing = [x for x in names if not _exists(_at(where, x, _PART))]
     if missing:
         raise fmt.DataError(f"{where}: {len(missing)} of {n} parts missing ({', '.join(missing[:4])}"
                             f"{' ...' if len(missing) > 4 else ''}): run `glm-data prepare ... --part i/{n}` for each")
     expected, parts = ranges(files, n), []
     for i, name in enumerate(names):
-        at = where / name
-        part = json.loads((at / _PART).read_text())
+        at = _at(where, name)
+        part = json.loads(_read(_at(at, _PART)))
         if part["files_sha256"] != _digest("\n".join(files)):
-            raise fmt.DataError(f"{at / _PART}: made from another list of inputs ({part['files']} files) than this "
-                                f"merge's {len(files)}: give every part and the merge the same inputs")
+            raise fmt.DataError(f"{_at(at, _PART)}: made from another list of inputs ({part['files']} files) than "
+                                f"this merge's {len(files)}: give every part and the merge the same inputs")
         if part["recipe"] != opts.recipe():
             differ = sorted(k for k in {*part["recipe"], *opts.recipe()} if part["recipe"].get(k) != opts.recipe().get(k))
-            raise fmt.DataError(f"{at / _PART}: made with other options than this merge: {', '.join(differ)}")
+            raise fmt.DataError(f"{_at(at, _PART)}: made with other options than this merge: {', '.join(differ)}")
         if part["tokenizer_sha256"] != _digest(tok.to_str()):
-            raise fmt.DataError(f"{at / _PART}: tokenised with another tokenizer than this merge's")
+            raise fmt.DataError(f"{_at(at, _PART)}: tokenised with another tokenizer than this merge's")
         if part["inputs"] != [expected[i].start, expected[i].stop]:
-            raise fmt.DataError(f"{at / _PART}: holds inputs {part['inputs']}, expected "
+            raise fmt.DataError(f"{_at(at, _PART)}: holds inputs {part['inputs']}, expected "
                                 f"{[expected[i].start, expected[i].stop]}")
-        rows = np.load(at / _INDEX).reshape(-1, 5)
-        size, accounted = (at / _SAMPLES).stat().st_size, int(rows[:, 3:].sum())
+        rows = np.load(io.BytesIO(_read(_at(at, _INDEX)))).reshape(-1, 5)
+        samples = _at(at, _SAMPLES)
+        size = objstore.size(samples) if isinstance(samples, str) else samples.stat().st_size
+        accounted = int(rows[:, 3:].sum())
         if len(rows) != part["samples"] or size != accounted:
             raise fmt.DataError(f"{at}: {len(rows)} samples in {_INDEX} ({part['samples']} in {_PART}), {size} bytes "
                                 f"in {_SAMPLES} ({accounted} in its index): the part is damaged, run it again")
@@ -503,7 +581,8 @@ def _merge_parts(writer: ShardWriter, files: list[str], opts: Options, tok, prog
     with tqdm(total=sum(int(r[:, 1].sum()) for _, r, _ in parts), unit=" tok", unit_scale=True,
               disable=not progress, file=sys.stderr, desc="merge") as bar:
         for at, rows, _ in parts:
-            with open(at / _SAMPLES, "rb") as f:
+            samples = _at(at, _SAMPLES)
+            with (objstore.open_read(samples) if isinstance(samples, str) else open(samples, "rb")) as f:
                 for _, tokens, docs, n_tokens, n_meta in rows.tolist():
                     writer.write(tokens, docs, {"__key__": "", fmt.TOKENS: f.read(n_tokens), fmt.META: f.read(n_meta)})
                     bar.update(tokens)

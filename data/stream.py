@@ -8,7 +8,8 @@ so a slot's position is three integers {epoch, window, emitted} and resuming re-
 window. (A classic shuffle buffer would need its contents saved to resume exactly.)
 
 WebDataset supplies the URL handling (local paths, `pipe:` commands, http) and the tar parsing;
-what it lacks - exact resumption and a per-epoch disjoint split - lives here.
+what it lacks - exact resumption and a per-epoch disjoint split - lives here, and reading from
+object storage (`s3://`) through network faults in data/objstore.py.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import tarfile
 import time
 from dataclasses import dataclass
@@ -29,10 +29,20 @@ import zstandard
 from braceexpand import braceexpand
 
 from data import format as fmt
+from data import objstore
 from data.fim import rng_for
+from data.objstore import Counters, Retries
 
 log = logging.getLogger(__name__)
-REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://", "ais:")
+REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "ais:")  # URLs that name a manifest, not a directory
+
+
+def open_url(url: str, retries: Retries = Retries(), counters: Counters | None = None):
+    """A file object reading `url`: s3:// through data/objstore.py (resumed through transient faults),
+    anything else through WebDataset's gopen (a path, pipe:, http(s) with curl)."""
+    if objstore.is_url(url):
+        return objstore.open_read(url, retries, counters)
+    return wds.gopen(url, "rb")
 
 
 @dataclass
@@ -42,6 +52,7 @@ class Dataset:
     manifest: dict
     urls: list[str]
     where: str  # the manifest's location, for messages
+    retries: Retries = Retries()  # how reads from object storage try again
 
     @property
     def dtype(self) -> str:
@@ -65,17 +76,19 @@ class Dataset:
         return hashlib.sha256("".join(s["sha256"] for s in self.manifest["shards"]).encode()).hexdigest()[:16]
 
 
-def open_dataset(name: str, path: str, urls: str | None = None) -> Dataset:
-    """`path`: a prepared directory, or a manifest.json path/URL; `urls`: a brace pattern for the shards
-    (needed when the manifest comes through a `pipe:` command; optional otherwise)."""
+def open_dataset(name: str, path: str, urls: str | None = None, retries: Retries = Retries()) -> Dataset:
+    """`path`: a prepared directory (local, or an s3:// prefix), or a manifest.json path/URL; `urls`: a
+    brace pattern for the shards (needed when the manifest comes through a `pipe:` command; optional
+    otherwise)."""
     remote = path.startswith(REMOTE_PREFIXES)
-    manifest_url = path if remote or path.endswith(".json") else os.path.join(path, fmt.MANIFEST)
+    manifest_url = path if remote or path.endswith(".json") else f"{path.rstrip('/')}/{fmt.MANIFEST}"
     try:
-        with wds.gopen(manifest_url, "rb") as f:
+        with open_url(manifest_url, retries) as f:
             raw = f.read()
     except Exception as e:
-        raise fmt.DataError(f"source '{name}': cannot read manifest {manifest_url} ({e}); "
-                            "run `glm-data prepare` first") from None
+        missing = isinstance(e, FileNotFoundError) or "404" in str(e)
+        raise fmt.DataError(f"source '{name}': cannot read manifest {manifest_url} ({e})" +
+                            ("; run `glm-data prepare` first" if missing else "")) from None
     try:
         manifest = fmt.check_manifest(json.loads(raw), manifest_url)
     except json.JSONDecodeError as e:
@@ -95,7 +108,7 @@ def open_dataset(name: str, path: str, urls: str | None = None) -> Dataset:
     else:
         base = manifest_url.rsplit("/", 1)[0] if "/" in manifest_url else "."
         shard_urls = [f"{base}/{n}" for n in names]
-    return Dataset(name, manifest, shard_urls, manifest_url)
+    return Dataset(name, manifest, shard_urls, manifest_url, retries)
 
 
 def held_out(ds: Dataset, shards: int, part: str) -> Dataset:
@@ -111,7 +124,7 @@ def held_out(ds: Dataset, shards: int, part: str) -> Dataset:
         raise fmt.DataError(f"source '{ds.name}': no validation part (holdout_shards is 0)")
     keep = slice(n - shards, n) if part == "validation" else slice(0, n - shards)
     manifest = {**ds.manifest, "shards": ds.manifest["shards"][keep]}
-    return Dataset(ds.name, manifest, ds.urls[keep], ds.where)
+    return Dataset(ds.name, manifest, ds.urls[keep], ds.where, ds.retries)
 
 
 def slot_shards(ds: Dataset, seed: int, epoch: int, slot: int, n_slots: int, exclude=()) -> list[int]:
@@ -245,12 +258,13 @@ class _HashingReader:
         return self.sha.hexdigest()
 
 
-def read_shard(ds: Dataset, index: int) -> Iterator[tuple[str, dict]]:
+def read_shard(ds: Dataset, index: int, counters: Counters | None = None) -> Iterator[tuple[str, dict]]:
     """(where, raw sample) for each sample of shard `index`. At its end the shard must agree with the
-    manifest in every way (samples, bytes, sha256), or DataError: read it to the end to be sure."""
+    manifest in every way (samples, bytes, sha256), or DataError: read it to the end to be sure.
+    `counters`: what reads from object storage cost (retries, seconds, bytes)."""
     url, expected = ds.urls[index], ds.manifest["shards"][index]
     try:
-        stream = wds.gopen(url, "rb")
+        stream = open_url(url, ds.retries, counters)
     except Exception as e:
         raise fmt.DataError(f"{url}: missing or unreadable shard ({e}); listed in {ds.where}") from None
     reader = _HashingReader(stream)
@@ -263,6 +277,9 @@ def read_shard(ds: Dataset, index: int) -> Iterator[tuple[str, dict]]:
             yield f"{url} sample {key}", raw
         digest = reader.drain()
         complete = True
+    except objstore.ObjectStoreError as e:  # the store, for good: named as such, not as a damaged tar
+        after = f"after sample {key}" if key else "before its first sample"
+        raise fmt.DataError(f"{e.message} ({after}; listed in {ds.where})") from None
     except (tarfile.TarError, OSError, EOFError, ValueError, zstandard.ZstdError) as e:
         after = f"after sample {key}" if key else "before its first sample"
         reason = str(e.args[0]).split(" @ ")[0] if e.args else type(e).__name__  # webdataset appends the stream
@@ -283,19 +300,20 @@ def read_shard(ds: Dataset, index: int) -> Iterator[tuple[str, dict]]:
                             f"manifest {expected['sha256'][:12]}...)")
 
 
-def decoded_shard(ds: Dataset, index: int) -> Iterator[tuple[str, np.ndarray, dict]]:
+def decoded_shard(ds: Dataset, index: int, counters: Counters | None = None
+                  ) -> Iterator[tuple[str, np.ndarray, dict]]:
     """(key, tokens, metadata) of each sample of shard `index`, in order; DataError at the first problem."""
     decompressor = zstandard.ZstdDecompressor()
-    for where, raw in read_shard(ds, index):
+    for where, raw in read_shard(ds, index, counters):
         yield (raw["__key__"], *fmt.decode_sample(raw, ds.dtype, ds.vocab_size, where, decompressor))
 
 
-def check_shard(ds: Dataset, index: int) -> fmt.DataError | None:
+def check_shard(ds: Dataset, index: int, counters: Counters | None = None) -> fmt.DataError | None:
     """Read shard `index` whole: None if it agrees with the manifest and every sample decodes, else
     what is wrong. The loader's skip mode and `glm-data inspect --verify` judge shards by this."""
     tokens = documents = 0
     try:
-        for _, t, meta in decoded_shard(ds, index):
+        for _, t, meta in decoded_shard(ds, index, counters):
             tokens += len(t)
             documents += len(meta["lengths"])
     except fmt.DataError as e:
@@ -311,9 +329,10 @@ class SlotStream:
     """One slot's endless stream of decoded samples (tokens, metadata) from one dataset."""
 
     def __init__(self, ds: Dataset, slot: int, n_slots: int, seed: int, window: int, vocab_size: int,
-                 policy: ErrorPolicy, exclude: dict | None = None, position: dict | None = None):
+                 policy: ErrorPolicy, exclude: dict | None = None, position: dict | None = None,
+                 counters: Counters | None = None):
         self.ds, self.slot, self.n_slots, self.seed, self.window = ds, slot, n_slots, seed, window
-        self.vocab_size, self.policy = vocab_size, policy
+        self.vocab_size, self.policy, self.counters = vocab_size, policy, counters
         self.exclude = {int(e): list(s) for e, s in (exclude or {}).items()}
         self.pos = dict(position or {"epoch": 0, "window": 0, "emitted": 0})
         self._epoch_cache: tuple[int, list[int], np.ndarray] | None = None
@@ -348,7 +367,7 @@ class SlotStream:
             shards, _ = self._epoch(epoch)
             self._opened += 1
             whole_pass = self._opened >= len(shards)  # as many shards as one pass of this reader
-            err = check_shard(self.ds, shard)
+            err = check_shard(self.ds, shard, self.counters)
             if err is None:
                 self._bad_in_a_row = 0
             else:
@@ -362,7 +381,7 @@ class SlotStream:
             self.policy.judge(self.ds, whole_pass)
             if err is not None:
                 return iter(())
-        return read_shard(self.ds, shard)
+        return read_shard(self.ds, shard, self.counters)
 
     def _sample_at(self, shards: list[int], starts: np.ndarray, offset: int):
         """The raw sample at `offset` of this epoch's stream, reading forward (None if lost to bad data)."""

@@ -38,7 +38,10 @@ main fields (any field of any group can be overridden with Hydra syntax):
   stages.<name>.parallel.<field>  the stage's own layout (e.g. .context=8 for 128K): at the switch the
                 run saves and exits 75; the same command again continues under it
   data.num_workers  data.on_error=fail|skip  data.max_skip_fraction  data.holdout_shards
-                (loader settings, every stage)
+  data.read_timeout_s / .read_tries / .read_retry_s   (reads from s3://: a stall, tries and seconds of
+                failing per shard before it goes the on_error way)   (loader settings, every stage)
+  GLM_DATA_ROOT=s3://bucket/prefix  the data configs' sources on object storage (AWS_ENDPOINT_URL for
+                another S3-compatible store; credentials, region and profiles as the AWS tools take them)
   run.dir=outputs/runs/NAME  run.exit_after_minutes=0
   faults.watchdog.factor / .floor_s / .first_s / .step_s / .checkpoint_s / .validation_s / .poll_s
                 / .grace_s / .enabled   (hang watchdog: timeouts from observed durations; README: Faults)

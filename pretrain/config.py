@@ -15,7 +15,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import configs  # the config tree: a package, so that an install without -e carries it
-from data.config import DataConfig, DataConfigError
+from data.config import LOADER_SETTINGS, DataConfig, DataConfigError
 from model import pipeline
 from model.config import IMPLS, ConfigError, ModelConfig, ParallelConfig
 from optim.config import OptimConfig
@@ -295,16 +295,15 @@ def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None,
 
 def stage_data(stage: StageConfig, loader: DataConfig, config_dir: Path, where: str, name: str) -> DataConfig:
     """The stage's data: its configs/data member, with the stage's seq_length and packing, and the
-    loader settings (num_workers, on_error, max_skip_fraction, holdout_shards) of the `data` group,
-    which apply to every stage."""
+    loader settings (data/config.py LOADER_SETTINGS: workers, bad data, hold-out, reads from object
+    storage) of the `data` group, which apply to every stage."""
     path = config_dir / "data" / f"{stage.data}.yaml"
     if not path.is_file():
         members = sorted(p.stem for p in (config_dir / "data").glob("*.yaml"))
         raise ConfigError(f"{where}: stages.{name}.data={stage.data!r}: no {path} (members: {', '.join(members)})")
     data = to_schema(DataConfig, OmegaConf.load(path), str(path), "data")
-    data.num_workers, data.on_error = loader.num_workers, loader.on_error
-    data.max_skip_fraction = loader.max_skip_fraction
-    data.holdout_shards = loader.holdout_shards
+    for field_name in LOADER_SETTINGS:
+        setattr(data, field_name, getattr(loader, field_name))
     if stage.seq_length is not None:
         data.seq_length = stage.seq_length
     if stage.packing is not None:

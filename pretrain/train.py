@@ -149,6 +149,7 @@ class Trainer:
         self.loader = self.iterator = self.batches = None
         self.loader_states: list | None = None  # every rank's loader state, to continue from
         self._skips_seen = 0  # bad shards skipped, as last reported
+        self._fetched: dict[str, Path | None] = {}  # tokenizer files fetched from object storage
         self.spikes = SpikeDetector(cfg.faults.spike, run_dir, writer=self.rank == 0)
         self.straggler = Stragglers(cfg.faults.straggler)
         self.first_step = True  # of this launch or of a stage: the watchdog allows it more time
@@ -209,16 +210,44 @@ class Trainer:
 
     def hf_files(self) -> tuple[Path, ...]:
         """Files to hand on with the weights: the current stage's tokenizer.json (saved beside its first
-        local source's shards)."""
+        source's shards; from object storage, fetched once into run.dir/data/<stage>/)."""
+        from data import objstore
         from data.format import TOKENIZER
 
         data = self.cfg.stage_data.get(self.stage_name)
         for source in (data.sources if data else ()):
+            if objstore.is_url(source.path):
+                base = source.path.rsplit("/", 1)[0] if source.path.endswith(".json") else source.path.rstrip("/")
+                url = f"{base}/{TOKENIZER}"
+                if url not in self._fetched:  # once per run: a copy in run.dir, or None
+                    self._fetched[url] = self._fetch(url, self.run_dir / "data" / source.name / TOKENIZER, data)
+                if self._fetched[url] is not None:
+                    return (self._fetched[url],)
+                continue
             path = Path(source.path)
             path = path.parent if path.suffix == ".json" else path
             if (path / TOKENIZER).is_file():
                 return (path / TOKENIZER,)
         return ()
+
+    def _fetch(self, url: str, local: Path, data) -> Path | None:
+        """`url` copied to `local` (rank 0, which writes the checkpoint's hf/); None where the store has
+        no such object (as a local source without one), or says why it cannot give it."""
+        from data import objstore
+
+        if self.rank != 0:
+            return None
+        try:
+            if not objstore.exists(url, data.retries()):
+                return None
+            blob = objstore.read_bytes(url, data.retries())
+        except objstore.ObjectStoreError as e:
+            log.warning(f"checkpoints will not carry the tokenizer: {e}")
+            return None
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.with_suffix(".tmp").write_bytes(blob)
+        local.with_suffix(".tmp").replace(local)
+        return local
 
     # ---- stages ----------------------------------------------------------------------------
 
@@ -265,22 +294,23 @@ class Trainer:
         self.checkpoints.final()
         return EXIT_RESUME
 
-    def data_skips(self) -> dict:
-        """Bad data skipped so far (data.on_error=skip), over every data-parallel rank; a warning
-        whenever it grows."""
+    def data_scalars(self) -> dict:
+        """Bad data skipped so far (data.on_error=skip), and reads from object storage retried and the
+        seconds spent reading from it, over every data-parallel rank; a warning whenever the skips grow."""
         from megatron.core import parallel_state as ps
 
         st = self.loader.stats()
-        counts = torch.tensor([st["skipped_shards"], st["skipped_samples"], st["skipped_tokens"]],
-                              dtype=torch.float64, device=self.device)
+        counts = torch.tensor([st["skipped_shards"], st["skipped_samples"], st["skipped_tokens"], st["read_retries"],
+                               st["read_seconds"]], dtype=torch.float64, device=self.device)
         if self.dp > 1:
             dist.all_reduce(counts, group=ps.get_data_parallel_group())
-        shards, samples, tokens = (int(x) for x in counts.tolist())
+        shards, samples, tokens, retries = (int(x) for x in counts.tolist()[:4])
         if shards > self._skips_seen:
             log.warning(f"data: {shards} bad shard(s) skipped so far, {samples:,} samples, {tokens:,} tokens "
                         "(data.on_error=skip; the loader's log names them)")
         self._skips_seen = shards
-        return {"skipped-data-shards": shards, "skipped-data-samples": samples, "skipped-data-tokens": tokens}
+        return {"skipped-data-shards": shards, "skipped-data-samples": samples, "skipped-data-tokens": tokens,
+                "data-read-retries": retries, "data-read-seconds": float(counts[4])}
 
     # ---- the loop --------------------------------------------------------------------------
 
@@ -427,7 +457,7 @@ class Trainer:
                          "params-norm": params_norm(self.chunks), "iteration-time": elapsed,
                          "throughput": flops / elapsed / world / 1e12,
                          "tokens-per-second": batch_tokens / elapsed, "consumed-tokens": self.tokens,
-                         "stage": stage.index, "skipped-iterations": self.skipped, **self.data_skips(),
+                         "stage": stage.index, "skipped-iterations": self.skipped, **self.data_scalars(),
                          "loss-spikes": len(self.spikes.spikes) + (spike_median is not None),
                          "checkpoint-save-failures": self.checkpoints.failures,
                          **self.straggler.scalars(self.load.work_s, self.step),

@@ -125,3 +125,20 @@ def test_pretrain_help_lists_experiments_and_the_main_fields(capsys):
         assert f"\n  {name} " in out, name
     for field in ("parallel.virtual_stages", "first_stage_layers", "data.max_skip_fraction", "exit codes: 0 finished"):
         assert field in out, field
+
+
+def test_the_read_settings_of_object_storage_apply_to_every_stage_and_keep_their_defaults():
+    """configs/config.yaml lists them so that `data.read_timeout_s=...` overrides them on the command line;
+    its values are data/config.py's defaults."""
+    import dataclasses
+
+    from data.config import DataConfig
+    from pretrain.config import compose
+
+    defaults = {f.name: f.default for f in dataclasses.fields(DataConfig) if f.name.startswith("read_")}
+    cfg = compose(["experiment=tiny"])
+    assert defaults and all(getattr(d, k) == v for d in cfg.stage_data.values() for k, v in defaults.items())
+    cfg = compose(["experiment=tiny", "data.read_timeout_s=2", "data.read_tries=3", "data.read_retry_s=9"])
+    assert all((d.read_timeout_s, d.read_tries, d.read_retry_s) == (2, 3, 9) for d in cfg.stage_data.values())
+    with pytest.raises(ConfigError, match="data.read_tries=0 must be >= 1"):
+        compose(["experiment=tiny", "data.read_tries=0"])
