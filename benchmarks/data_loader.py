@@ -6,7 +6,12 @@ then `IndexedDataset.get` per document piece), in the same run.
 The documents are the embedded code corpus (real token statistics, so real compression), repeated
 to the requested size. Targets: >= 2M tokens/s per worker, and >= half the mmap reader's speed.
 
-  .venv/bin/python benchmarks/data_loader.py [--tokens 40e6] [--seq 4096]
+`--store`: the same shards also uploaded to an object store on this machine (data/local_store.py:
+SeaweedFS, from the test extra) and read from `s3://` through one loader worker, alternating with
+the local read in the same run (target: >= 0.8x local). The store runs on the same cores as the
+reader here, so the ratio includes the store's own CPU.
+
+  .venv/bin/python benchmarks/data_loader.py [--tokens 40e6] [--seq 4096] [--store]
 """
 
 from __future__ import annotations
@@ -115,10 +120,36 @@ def rate(batches, n: int, tokens_per_batch: int) -> float:
     return n * tokens_per_batch / (time.perf_counter() - start)
 
 
-def ours(directory: Path, seq: int, micro_batch: int, workers: int) -> TokenLoader:
+def ours(directory: Path | str, seq: int, micro_batch: int, workers: int) -> TokenLoader:
     cfg = DataConfig(sources=[SourceConfig("bench", str(directory))], seq_length=seq, num_workers=workers,
                      shuffle_window=256)
     return TokenLoader(cfg, micro_batch=micro_batch)
+
+
+def store_vs_local(work: Path, seq: int, n_seq: int, repeats: int = 3) -> None:
+    """Tokens/s through one loader worker, reading the shards from local files and from s3://, in turns."""
+    from data import objstore
+    from data.local_store import LocalStore
+
+    store = LocalStore(work / "weed").start()
+    try:
+        os.environ["AWS_ENDPOINT_URL"] = store.endpoint
+        objstore.client().create_bucket(Bucket="bench")
+        for f in sorted((work / "shards").iterdir()):
+            objstore.upload(f, f"s3://bench/shards/{f.name}")
+        print(f"  store: SeaweedFS at {store.endpoint}, {len(list((work / 'shards').iterdir()))} objects uploaded")
+        print(f"  {'micro-batch':>11} {'reader (through 1 worker process)':<50}{'M tokens/s':>11}")
+        rates: dict[str, list[float]] = {"local": [], "s3": []}
+        for k in range(repeats):
+            for where, root in (("local", str(work / "shards")), ("s3", "s3://bench/shards")):
+                r = rate(ours(root, seq, 1, 1), n_seq, seq)
+                rates[where].append(r)
+                print(f"  {1:>11} {f'zstd shards, {where} (#{k + 1})':<50}{r / 1e6:>11.2f}")
+        ratios = [s / loc for s, loc in zip(rates["s3"], rates["local"])]
+        print(f"  ratio s3/local per turn: {', '.join(f'{x:.2f}' for x in ratios)} (median "
+              f"{sorted(ratios)[len(ratios) // 2]:.2f}; target >= 0.8)")
+    finally:
+        store.stop()
 
 
 def main() -> None:
@@ -126,6 +157,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=float, default=40e6, help="dataset size in tokens (40M)")
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--sequences", type=int, default=4000, help="sequences timed per reader (4000)")
+    ap.add_argument("--store", action="store_true", help="also read the shards from a local object store (s3://)")
+    ap.add_argument("--store-only", action="store_true", help="only the store-vs-local comparison")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -133,13 +166,18 @@ def main() -> None:
         docs, tokenizer = corpus_documents(work)
         copies = max(1, int(args.tokens // sum(map(len, docs))))
         n = write_shards(docs, copies, work / "shards", tokenizer)
-        write_indexed(docs, copies, work / "indexed")
+        if not args.store_only:
+            write_indexed(docs, copies, work / "indexed")
         size = sum(f.stat().st_size for f in (work / "shards").glob("*.tar"))
+        indexed = "" if args.store_only else f", indexed .bin {(work / 'indexed.bin').stat().st_size / 1e6:.0f} MB"
         print(f"data: {n / 1e6:.1f}M tokens, {len(docs) * copies:,} documents; shards {size / 1e6:.0f} MB "
-              f"(zstd), indexed .bin {(work / 'indexed.bin').stat().st_size / 1e6:.0f} MB; built in "
-              f"{time.perf_counter() - t:.0f} s")
+              f"(zstd){indexed}; built in {time.perf_counter() - t:.0f} s")
         n_seq = min(args.sequences, n // args.seq - 64)
         print(f"seq {args.seq}, {n_seq} sequences timed per reader, torch {torch.__version__}, {os.cpu_count()} CPUs")
+        if args.store or args.store_only:
+            store_vs_local(work, args.seq, n_seq)
+        if args.store_only:
+            return
         print(f"  {'micro-batch':>11} {'reader':<50}{'M tokens/s':>11}")
         for mb in (1, 4):
             n_b = n_seq // mb

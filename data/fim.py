@@ -31,7 +31,12 @@ def permute(rng: np.random.Generator, text: str, spm_rate: float) -> tuple[str, 
     return mode, [text[:lo], text[lo:hi], text[hi:]]
 
 
-def arrange(mode: str, prefix: list[int], middle: list[int], suffix: list[int], ids: SpecialIds) -> list[int]:
+def arrange(mode: str, prefix: list, middle: list, suffix: list, ids: SpecialIds) -> list:
+    """The parts (each a list of id arrays) with the FIM tokens, in PSM or SPM order: a list of id
+    arrays to concatenate."""
+    def tok(i):
+        return np.array([i], dtype=prefix[0].dtype if prefix else np.int64)
+
     if mode == "psm":
-        return [ids.fim_prefix, *prefix, ids.fim_suffix, *suffix, ids.fim_middle, *middle]
-    return [ids.fim_prefix, ids.fim_suffix, *suffix, ids.fim_middle, *prefix, *middle]
+        return [tok(ids.fim_prefix), *prefix, tok(ids.fim_suffix), *suffix, tok(ids.fim_middle), *middle]
+    return [tok(ids.fim_prefix), tok(ids.fim_suffix), *suffix, tok(ids.fim_middle), *prefix, *middle]

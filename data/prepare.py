@@ -1,8 +1,9 @@
 """`glm-data prepare`: raw documents -> tokens (+ end-of-document, + Fill-in-the-Middle for code) ->
 zstd-compressed WebDataset shards and a manifest.
 
-Documents are read in order and cut into fixed chunks; worker processes tokenise, group whole
-documents into samples and compress them; the main process writes the samples in chunk order.
+Documents are read in order and cut into fixed chunks; worker processes (data/encode.py) tokenise,
+group whole documents into samples and compress them; the main process writes the samples in chunk
+order.
 Nothing depends on the number of workers or on the clock, so the same inputs and options give
 byte-identical shards. Everything is written into a hidden directory beside the output and moved
 into place when complete: a failed or interrupted run leaves the previous output as it was.
@@ -29,19 +30,19 @@ import json
 import multiprocessing
 import os
 import sys
+import tarfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import webdataset as wds
-import zstandard
 
-from data import fim, format as fmt, inputs, objstore, tokenizer as toks
+from data import encode, format as fmt, inputs, objstore, tokenizer as toks
 from data.corpus import Document
 
-CHUNK_DOCS = 256  # documents per unit of work; samples never span chunks
+CHUNK_DOCS = 256  # documents per unit of work (or fewer, of CHUNK_CHARS in all); samples never span chunks
+CHUNK_CHARS = 1 << 22
 DEFAULT_SHARD_TOKENS = 1 << 27
 EMBEDDED_SHARD_TOKENS = 1 << 15  # the embedded corpus is small; many shards let many readers share it
 
@@ -103,124 +104,26 @@ class Options:
         return {k: v for k, v in asdict(self).items() if k not in ("out", "workers", "overwrite", "part", "merge")}
 
 
-# --- worker side -----------------------------------------------------------------------------------
-_W: dict = {}
-
-
-def _init_worker(tokenizer_json: str, settings: dict) -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    tok = toks.Tokenizer.from_str(tokenizer_json)
-    tok.encode_special_tokens = True  # text that spells "<|endoftext|>" is text, not a document break
-    _W.update(settings, tok=tok, ids=toks.SpecialIds(**settings["ids"]),
-              compressor=zstandard.ZstdCompressor(level=settings["level"], write_checksum=True))
-
-
-def _tokenise(docs: list[Document]) -> list[np.ndarray | list[np.ndarray]]:
-    """Token ids per document, FIM applied to a drawn fraction of code documents, EOD appended. A
-    repository (Document.files) gives one array per file instead, no EOD: each file is its relative
-    path on a line, then its text (FIM drawn per file), and `_encode_chunk` cuts the repository into
-    documents."""
-    plans, pieces = [], []
-
-    def plan(key: str, text: str, header: str | None = None):
-        # drawn from the seed and the document's (or file's) id only: the same inputs give the same
-        # draws whatever the dataset is called or wherever it is written
-        rng = fim.rng_for(_W["seed"], "fim", key) if _W["code"] else None
-        if rng is not None and rng.random() < _W["fim_rate"]:
-            mode, parts = fim.permute(rng, text, _W["fim_spm_rate"])
-        else:
-            mode, parts = None, [text]
-        plans.append((mode, len(pieces), len(parts), header is not None))
-        if header is not None:
-            pieces.append(header)
-        pieces.extend(parts)
-
-    for doc in docs:
-        if doc.files:
-            for path, text in doc.files:
-                plan(f"{doc.id}/{path}", text if text.endswith("\n") else text + "\n", f"{path}\n")
-        else:
-            plan(doc.id, doc.text)
-    encoded = [e.ids for e in _W["tok"].encode_batch_fast(pieces, add_special_tokens=False)]
-    arrays = []
-    for mode, start, n, header in plans:
-        head = encoded[start] if header else []
-        start += header
-        ids = fim.arrange(mode, *encoded[start:start + 3], _W["ids"]) if mode else encoded[start]
-        arrays.append([*head, *ids])
-    out, at = [], 0
-    for doc in docs:
-        if doc.files:
-            out.append([np.array(ids, dtype=_W["dtype"]) for ids in arrays[at:at + len(doc.files)]])
-            at += len(doc.files)
-        else:
-            out.append(np.array([*arrays[at], _W["ids"].eod], dtype=_W["dtype"]))
-            at += 1
-    return out
-
-
-def _repository_documents(doc_id: str, files: list[np.ndarray], limit: int) -> list[tuple[str, np.ndarray]]:
-    """A repository's files as documents (EOD appended to each) of at most `limit` tokens where the
-    files allow: cut at file boundaries only (a single file longer than that stays whole). One piece
-    keeps the repository's id; several are named `<id>#k/n`."""
-    groups, current, size = [], [], 0
-    for ids in files:
-        if current and size + len(ids) + 1 > limit:
-            groups.append(current)
-            current, size = [], 0
-        current.append(ids)
-        size += len(ids)
-    if current:
-        groups.append(current)
-    eod = np.array([_W["ids"].eod], dtype=_W["dtype"])
-    return [(doc_id if len(groups) == 1 else f"{doc_id}#{k}/{len(groups)}", np.concatenate([*group, eod]))
-            for k, group in enumerate(groups, 1)]
-
-
-def _encode_chunk(job: tuple[int, list[Document]]) -> tuple[int, list[tuple[int, int, dict]], int, int]:
-    """-> (input index, [(tokens, documents, encoded sample without key)], documents, empty)."""
-    index, docs = job
-    kept = [d for d in docs if d.text]
-    samples, group = [], []
-
-    def flush():
-        if group:
-            tokens = np.concatenate([t for _, t in group])
-            meta = {"source": _W["name"], "docs": [d for d, _ in group], "lengths": [len(t) for _, t in group],
-                    "dtype": _W["dtype"]}
-            samples.append((len(tokens), len(group), fmt.encode_sample("", tokens, _W["dtype"], meta, _W["compressor"])))
-            group.clear()
-
-    pending = 0
-    documents = 0
-    for doc, tokens in zip(kept, _tokenise(kept)):
-        for doc_id, ids in (_repository_documents(doc.id, tokens, _W["sample_tokens"]) if doc.files
-                            else [(doc.id, tokens)]):
-            if group and pending + len(ids) > _W["sample_tokens"]:
-                flush()
-                pending = 0
-            group.append((doc_id, ids))
-            pending += len(ids)
-            documents += 1
-    flush()
-    return index, samples, documents, len(docs) - len(kept)
-
-
 # --- main side -------------------------------------------------------------------------------------
 def _jobs(files: list[str], reader: inputs.Reader) -> Iterator[tuple[int, list[Document]]]:
     for index, spec in enumerate(files):
         chunk: list[Document] = []
+        chars = 0
         for doc in reader.read(spec):
             chunk.append(doc)
-            if len(chunk) == CHUNK_DOCS:
+            chars += len(doc.text)
+            if len(chunk) == CHUNK_DOCS or chars >= CHUNK_CHARS:
                 yield index, chunk
-                chunk = []
+                chunk, chars = [], 0
         if chunk:
             yield index, chunk
 
 
 class ShardWriter:
-    """Writes samples into shard-NNNNNN.tar files of about `shard_tokens` tokens each."""
+    """Writes samples into shard-NNNNNN.tar files of about `shard_tokens` tokens each: WebDataset's
+    layout (one tar member per field, `<key>.<field>`, in sorted order), written with the standard
+    library's tarfile, as WebDataset's own TarWriter does, because importing `webdataset` imports
+    torch (2-3 s and ~250 MB in a process that never uses it)."""
 
     def __init__(self, out: Path, shard_tokens: int, publish=None):
         self.out, self.shard_tokens = out, shard_tokens
@@ -232,10 +135,15 @@ class ShardWriter:
         if self.tar is None:
             name = fmt.shard_name(len(self.shards))
             self.tmp = self.out / (name + ".tmp")
-            self.tar = wds.TarWriter(str(self.tmp), user="", group="", mode=0o644, mtime=0, encoder=False)
+            self.file = open(self.tmp, "wb")
+            self.tar = tarfile.open(fileobj=self.file, mode="w|")
             self.current = {"name": name, "samples": 0, "documents": 0, "tokens": 0}
         c = self.current
-        self.tar.write({**sample, "__key__": f"{len(self.shards):06d}_{c['samples']:06d}"})
+        key = f"{len(self.shards):06d}_{c['samples']:06d}"
+        for part in sorted(k for k in sample if not k.startswith("_")):
+            info = tarfile.TarInfo(f"{key}.{part}")
+            info.size, info.mtime, info.mode, info.uname, info.gname = len(sample[part]), 0, 0o644, "", ""
+            self.tar.addfile(info, io.BytesIO(sample[part]))
         c["samples"] += 1
         c["documents"] += docs
         c["tokens"] += tokens
@@ -246,6 +154,7 @@ class ShardWriter:
         if self.tar is None:
             return
         self.tar.close()
+        self.file.close()
         final = self.out / self.current["name"]
         self.tmp.replace(final)
         self.shards.append({**self.current, "bytes": final.stat().st_size, "sha256": fmt.sha256_file(final)})
@@ -261,6 +170,7 @@ class ShardWriter:
         try:
             self.tar.close()
         finally:
+            self.file.close()
             self.tar = None
             self.tmp.unlink(missing_ok=True)
 
@@ -421,29 +331,42 @@ def _tokenizer(opts: Options):
     return tok, source, toks.special_ids(tok, opts.eod_token, fim=opts.code, where=source)
 
 
-def _encoded(files: list[str], todo: range, tok_json: str, settings: dict, opts: Options, reader,
-             progress: bool) -> Iterator[tuple[int, list, int, int]]:
+class _Workers:
+    """The processes that tokenise (`data/encode.py`): a spawned pool, or this process with one
+    worker. Started as soon as the tokenizer is known, so that they load it while this process
+    saves it and begins to read; `peak_mb` is the largest peak memory a worker reported."""
+
+    def __init__(self, n: int, tok_json: str, settings: dict):
+        self.pool, self.peak_mb = None, None
+        if n > 1:
+            self.pool = multiprocessing.get_context("spawn").Pool(n, encode.init, (tok_json, settings))
+        else:
+            encode.init(tok_json, settings)
+
+    def map(self, jobs: Iterator) -> Iterator[tuple[int, list, int, int]]:
+        for *result, worker_mb in (self.pool.imap if self.pool else map)(encode.encode_chunk, jobs):
+            self.peak_mb = max(self.peak_mb or 0.0, worker_mb)
+            yield tuple(result)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+
+
+def _encoded(files: list[str], todo: range, workers: _Workers, reader, progress: bool
+             ) -> Iterator[tuple[int, list, int, int]]:
     """(input index, samples, documents, empty documents) per chunk of the inputs `todo`, in order."""
     bar = _progress(progress)
-    pool = None
     tokens = 0
     jobs = ((todo.start + i, chunk) for i, chunk in _jobs([files[j] for j in todo], reader))
     try:
-        if opts.workers > 1:
-            pool = multiprocessing.get_context("spawn").Pool(opts.workers, _init_worker, (tok_json, settings))
-            results = pool.imap(_encode_chunk, jobs)
-        else:
-            _init_worker(tok_json, settings)
-            results = map(_encode_chunk, jobs)
-        for result in results:
+        for result in workers.map(jobs):
             yield result
             tokens += sum(t for t, _, _ in result[1])
             bar.update(result[2] + result[3])
             bar.set_postfix_str(f"{tokens / 1e6:.1f}M tokens", refresh=False)
     finally:
         bar.close()
-        if pool is not None:
-            pool.terminate()
 
 
 def _prepare_into(out: Path, name: str, files: list[str], opts: Options, progress: bool, publish=None) -> dict:
@@ -452,48 +375,62 @@ def _prepare_into(out: Path, name: str, files: list[str], opts: Options, progres
     started = time.perf_counter()
     publish = publish or (lambda path: None)
     tok, tok_source, ids = _tokenizer(opts)
-    tok.save(str(out / fmt.TOKENIZER))
-    if opts.part is None:
-        publish(out / fmt.TOKENIZER)
+    tok_json = tok.to_str()  # once: a 151k-id vocabulary takes a good part of a second to serialise
     dtype = fmt.dtype_for(toks.vocab_size(tok))
-    shard_tokens = opts.shard_tokens or (EMBEDDED_SHARD_TOKENS if all(f.startswith(inputs.EMBEDDED) for f in files)
-                                         else DEFAULT_SHARD_TOKENS)
+    whole = toks.cut_check(tok)
+    if whole and progress:
+        print(f"note: long documents are tokenised whole, with memory in proportion to the longest: "
+              f"the tokenizer cannot be cut exactly ({whole})", file=sys.stderr)
     settings = {"name": name, "code": opts.code, "fim_rate": opts.fim_rate, "fim_spm_rate": opts.fim_spm_rate,
                 "seed": opts.seed, "sample_tokens": opts.sample_tokens, "dtype": dtype, "level": opts.zstd_level,
-                "ids": asdict(ids)}
-    reader = inputs.Reader(opts.text_field, opts.invalid_utf8)
-    per_input = [{"path": f, "documents": 0, "empty": 0, "tokens": 0} for f in files]
-    if opts.part is not None:
-        return _write_part(out, files, opts, tok, settings, reader, per_input, progress, publish)
-    writer = ShardWriter(out, shard_tokens, publish)
+                "ids": asdict(ids), "cut": whole is None}
+    # started now: they load the tokenizer while this process saves it and begins to read
+    workers = _Workers(opts.workers, tok_json, settings) if opts.merge is None else None
     try:
-        if opts.merge is not None:
-            per_input = _merge_parts(writer, files, opts, tok, progress)
-        else:
-            for index, samples, n_docs, n_empty in _encoded(files, range(len(files)), tok.to_str(), settings, opts,
-                                                            reader, progress):
-                for tokens, docs, sample in samples:
-                    writer.write(tokens, docs, sample)
-                    per_input[index]["tokens"] += tokens
-                per_input[index]["documents"] += n_docs
-                per_input[index]["empty"] += n_empty
-            _note_replaced(per_input, reader)
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    if not writer.shards:
-        raise fmt.DataError(f"{', '.join(opts.inputs)}: no documents with text found")
-    manifest = fmt.make_manifest(
-        name, "code" if opts.code else "text", dtype, toks.describe(tok, ids, tok_source), writer.shards, per_input,
-        {"text_field": opts.text_field, "fim_rate": opts.fim_rate if opts.code else 0.0,
-         "fim_spm_rate": opts.fim_spm_rate, "seed": opts.seed, "sample_tokens": opts.sample_tokens,
-         "shard_tokens": shard_tokens, "zstd_level": opts.zstd_level, "invalid_utf8": opts.invalid_utf8,
-         **({"repo_level": True} if opts.repo_level else {})})
-    fmt.write_manifest(out, manifest)
-    publish(out / fmt.MANIFEST)
-    manifest["elapsed_s"] = time.perf_counter() - started  # reported, not stored: shards stay reproducible
-    return manifest
+        tok.save(str(out / fmt.TOKENIZER))
+        if opts.part is None:
+            publish(out / fmt.TOKENIZER)
+        shard_tokens = opts.shard_tokens or (EMBEDDED_SHARD_TOKENS if all(f.startswith(inputs.EMBEDDED) for f in files)
+                                             else DEFAULT_SHARD_TOKENS)
+        reader = inputs.Reader(opts.text_field, opts.invalid_utf8)
+        per_input = [{"path": f, "documents": 0, "empty": 0, "tokens": 0} for f in files]
+        if opts.part is not None:
+            record = _write_part(out, files, opts, tok_json, workers, reader, per_input, progress, publish)
+            record.update(elapsed_s=time.perf_counter() - started, worker_peak_mb=workers.peak_mb)
+            return record
+        writer = ShardWriter(out, shard_tokens, publish)
+        try:
+            if opts.merge is not None:
+                per_input = _merge_parts(writer, files, opts, tok_json, progress)
+            else:
+                for index, samples, n_docs, n_empty in _encoded(files, range(len(files)), workers, reader, progress):
+                    for tokens, docs, sample in samples:
+                        writer.write(tokens, docs, sample)
+                        per_input[index]["tokens"] += tokens
+                    per_input[index]["documents"] += n_docs
+                    per_input[index]["empty"] += n_empty
+                _note_replaced(per_input, reader)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        if not writer.shards:
+            raise fmt.DataError(f"{', '.join(opts.inputs)}: no documents with text found")
+        manifest = fmt.make_manifest(
+            name, "code" if opts.code else "text", dtype, toks.describe(tok, ids, tok_source, tok_json), writer.shards,
+            per_input,
+            {"text_field": opts.text_field, "fim_rate": opts.fim_rate if opts.code else 0.0,
+             "fim_spm_rate": opts.fim_spm_rate, "seed": opts.seed, "sample_tokens": opts.sample_tokens,
+             "shard_tokens": shard_tokens, "zstd_level": opts.zstd_level, "invalid_utf8": opts.invalid_utf8,
+             **({"repo_level": True} if opts.repo_level else {})})
+        fmt.write_manifest(out, manifest)
+        publish(out / fmt.MANIFEST)
+        # reported, not stored: shards stay reproducible
+        manifest.update(elapsed_s=time.perf_counter() - started, worker_peak_mb=workers and workers.peak_mb)
+        return manifest
+    finally:
+        if workers is not None:
+            workers.close()
 
 
 def _note_replaced(per_input: list[dict], reader) -> None:
@@ -517,13 +454,13 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _write_part(out: Path, files: list[str], opts: Options, tok, settings: dict, reader, per_input: list[dict],
-                progress: bool, publish) -> dict:
+def _write_part(out: Path, files: list[str], opts: Options, tok_json: str, workers: _Workers, reader,
+                per_input: list[dict], progress: bool, publish) -> dict:
     i, n = opts.part_of()
     todo = ranges(files, n)[i]
     rows = []
     with open(out / _SAMPLES, "wb") as f:
-        for index, samples, n_docs, n_empty in _encoded(files, todo, tok.to_str(), settings, opts, reader, progress):
+        for index, samples, n_docs, n_empty in _encoded(files, todo, workers, reader, progress):
             for tokens, docs, sample in samples:
                 f.write(sample[fmt.TOKENS])
                 f.write(sample[fmt.META])
@@ -535,7 +472,7 @@ def _write_part(out: Path, files: list[str], opts: Options, tok, settings: dict,
     _note_replaced(per_input, reader)
     record = {"part": i, "parts": n, "inputs": [todo.start, todo.stop], "files": len(files),
               "files_sha256": _digest("\n".join(files)), "recipe": opts.recipe(),
-              "tokenizer_sha256": _digest(tok.to_str()), "per_input": [per_input[j] for j in todo],
+              "tokenizer_sha256": _digest(tok_json), "per_input": [per_input[j] for j in todo],
               "samples": len(rows), "tokens": sum(r[1] for r in rows)}
     (out / _PART).write_text(json.dumps(record, indent=1) + "\n")
     for file in (_SAMPLES, _INDEX, _PART):  # the record last: a part without it is not done
@@ -543,7 +480,7 @@ def _write_part(out: Path, files: list[str], opts: Options, tok, settings: dict,
     return record
 
 
-def _merge_parts(writer: ShardWriter, files: list[str], opts: Options, tok, progress: bool) -> list[dict]:
+def _merge_parts(writer: ShardWriter, files: list[str], opts: Options, tok_json: str, progress: bool) -> list[dict]:
     """Every part's samples through `writer`, in input order (all parts checked first); returns
     the inputs' counts."""
     from tqdm import tqdm
@@ -565,7 +502,7 @@ def _merge_parts(writer: ShardWriter, files: list[str], opts: Options, tok, prog
         if part["recipe"] != opts.recipe():
             differ = sorted(k for k in {*part["recipe"], *opts.recipe()} if part["recipe"].get(k) != opts.recipe().get(k))
             raise fmt.DataError(f"{_at(at, _PART)}: made with other options than this merge: {', '.join(differ)}")
-        if part["tokenizer_sha256"] != _digest(tok.to_str()):
+        if part["tokenizer_sha256"] != _digest(tok_json):
             raise fmt.DataError(f"{_at(at, _PART)}: tokenised with another tokenizer than this merge's")
         if part["inputs"] != [expected[i].start, expected[i].stop]:
             raise fmt.DataError(f"{_at(at, _PART)}: holds inputs {part['inputs']}, expected "
@@ -602,7 +539,8 @@ def summary(manifest: dict, out: str) -> str:
              f"({t['bytes'] / 1e6:.1f} MB, {size})",
              f"  tokenizer: {manifest['tokenizer']['source']}, vocab {manifest['tokenizer']['vocab_size']}, "
              f"sha256 {manifest['tokenizer']['sha256'][:12]}",
-             f"  {manifest['elapsed_s']:.1f} s, {t['tokens'] / max(manifest['elapsed_s'], 1e-9) / 1e6:.2f}M tokens/s"]
+             f"  {manifest['elapsed_s']:.1f} s, {t['tokens'] / max(manifest['elapsed_s'], 1e-9) / 1e6:.2f}M tokens/s"
+             + (f", peak memory of a worker {manifest['worker_peak_mb']:.0f} MB" if manifest.get("worker_peak_mb") else "")]
     if skipped:
         lines.append(f"  skipped {skipped:,} empty documents")
     replaced = [(p["path"], p["replaced_characters"]) for p in manifest["inputs"] if p.get("replaced_characters")]

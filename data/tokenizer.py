@@ -8,8 +8,10 @@ identity is the SHA-256 of that saved JSON.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -63,13 +65,77 @@ def train_default(vocab_size: int = DEFAULT_VOCAB) -> Tokenizer:
     return tok
 
 
-def identity(tok: Tokenizer) -> str:
-    return hashlib.sha256(tok.to_str().encode()).hexdigest()
+def identity(tok: Tokenizer, text: str | None = None) -> str:
+    """SHA-256 of the tokenizer's JSON (`text`, where the caller already holds tok.to_str())."""
+    return hashlib.sha256((tok.to_str() if text is None else text).encode()).hexdigest()
 
 
 def vocab_size(tok: Tokenizer) -> int:
     """One past the largest id the tokenizer can emit (added tokens may sit above the base vocab)."""
+    n = tok.get_vocab_size(with_added_tokens=True)
+    if tok.id_to_token(n - 1) is not None and all(tok.id_to_token(i) is None for i in range(n, n + 1024)):
+        return n  # ids 0..n-1, as in every tokenizer we know: no dictionary of the whole vocabulary needed
     return max(tok.get_vocab(with_added_tokens=True).values()) + 1
+
+
+# --- long texts ------------------------------------------------------------------------------------
+# A long document is tokenised in pieces, so that a worker's memory does not grow with the longest
+# document (an Encoding costs ~100 bytes per token, its Python list of ids ~36 more). The pieces give
+# the ids of the whole text only where no pre-token spans a cut. Cuts are therefore taken only
+# before a space between two ASCII letters ("word| word") or before an ASCII digit after an ASCII
+# letter ("abc|123"): the split patterns of byte-level BPEs (GPT-2's, and the cl100k / Llama-3 /
+# Qwen / GLM-4 family) end a letter run there, and a text piece that starts there is scanned as the
+# whole text is from that point. NFC/NFKC/NFD/NFKD never join across an ASCII character. Whether a
+# tokenizer really behaves so is checked once (`cut_check`) on a probe text; one that does not is
+# tokenised whole.
+_CUT = re.compile(r"(?<=[A-Za-z])(?= [A-Za-z]|[0-9])")
+_SAFE_NORMALIZERS = {"NFC", "NFD", "NFKC", "NFKD"}
+_PROBE_EXTRA = (
+    "It's a dog's life; they'd've gone. ABC123 x2 h264 utf8 IPv6 0x1F 3.14e10 "
+    "def f(a1, b2):\n    return a1+b2  # sum\n\tif x99 and y: pass\n"
+    "naïve café Straße 東京 2024年 ÀÉÎ ok done; ünïcödé words mixed123letters end")
+
+
+def pieces(text: str, max_chars: int) -> Iterator[str]:
+    """`text` cut into pieces of about `max_chars`, one at a time: each cut is the first cut point at
+    or after the limit (a text with none there is left whole from the last cut)."""
+    at = 0
+    while len(text) - at > max_chars:
+        m = _CUT.search(text, at + max_chars)
+        if m is None:
+            break
+        yield text[at:m.start()]
+        at = m.start()
+    yield text[at:] if at else text
+
+
+def cut_check(tok: Tokenizer) -> str | None:
+    """None if cutting texts at `_CUT` points keeps `tok`'s ids those of the whole text; else why not."""
+    normalizer = tok.normalizer
+    parts = [] if normalizer is None else list(normalizer) if type(normalizer).__name__ == "Sequence" else [normalizer]
+    unsafe = [type(n).__name__ for n in parts if type(n).__name__ not in _SAFE_NORMALIZERS]
+    if unsafe:
+        return f"its normalizer {'+'.join(unsafe)} may act across a cut"
+    spanning = [t.content for t in tok.get_added_tokens_decoder().values() if _CUT.search(t.content)]
+    if spanning:
+        return f"its added token {spanning[0]!r} could span a cut"
+    from pydoc_data import topics
+
+    letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    pairs = " ".join(f"x{a} {b}x{a}{d}" for a in letters for b in letters for d in "0123456789"[letters.index(b) % 10])
+    probe = "\n".join([_PROBE_EXTRA, pairs, *(topics.topics[k] for k in sorted(topics.topics)[:40])])
+    if tok.pre_tokenizer is None:
+        return "it has no pre-tokenizer: a whole text is one word"
+    bounds = {b for _, span in tok.pre_tokenizer.pre_tokenize_str(probe) for b in span}
+    if any(m.start() not in bounds for m in _CUT.finditer(probe)):
+        return "its pre-tokenizer lets a pre-token span a space between letters or a letter-digit pair"
+    whole = tok.encode(probe, add_special_tokens=False).ids
+    cuts = [0, *(m.start() for m in _CUT.finditer(probe)), len(probe)]  # cut at every cut point
+    split = [probe[a:b] for a, b in zip(cuts, cuts[1:])]
+    cut = [i for e in tok.encode_batch_fast(split, add_special_tokens=False) for i in e.ids]
+    if whole != cut:
+        return "the ids of texts cut at those points differ from the ids of the whole text"
+    return None
 
 
 def special_ids(tok: Tokenizer, eod_token: str | None = None, fim: bool = False,
@@ -89,8 +155,8 @@ def special_ids(tok: Tokenizer, eod_token: str | None = None, fim: bool = False,
     return SpecialIds(eod, prefix, suffix, middle)
 
 
-def describe(tok: Tokenizer, ids: SpecialIds, source: str) -> dict:
-    """The manifest's record of the tokenizer."""
-    return {"file": "tokenizer.json", "sha256": identity(tok), "vocab_size": vocab_size(tok),
+def describe(tok: Tokenizer, ids: SpecialIds, source: str, text: str | None = None) -> dict:
+    """The manifest's record of the tokenizer (`text`: its JSON, where the caller holds it)."""
+    return {"file": "tokenizer.json", "sha256": identity(tok, text), "vocab_size": vocab_size(tok),
             "source": source, "special_ids": {k: v for k, v in vars(ids).items() if v is not None},
             "model": type(tok.model).__name__}

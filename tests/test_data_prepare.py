@@ -312,3 +312,81 @@ def test_repo_level_refuses_what_holds_no_repositories(embedded, tmp_path, capsy
     for spec, message in ((tmp_path / "flat", "no repositories in it"), (tmp_path / "nothing", "this is no directory")):
         assert cli.main(["prepare", str(spec), "--repo-level", "-o", str(tmp_path / "out"), "-q"]) == 2
         assert message in capsys.readouterr().err
+
+
+# --- long documents: tokenised in pieces, memory bounded ------------------------------------------
+def _long_texts() -> list[str]:
+    """Real text and code, long: one line of prose (newlines made spaces, as a minified file), the
+    code with its lines, and a run of letters and digits with no space at all."""
+    prose = " ".join(d.text for d in documents("general")[:300]).replace("\n", " ")
+    code = "\n".join(d.text for d in documents("code")[:60])
+    return [prose, code, "ab12cd34" * 20000, "x" * 50000]
+
+
+@pytest.mark.parametrize("kind", ["text", "code"])
+def test_long_documents_in_pieces_give_the_ids_of_the_whole(embedded, tmp_path, monkeypatch, kind):
+    """prepare with a 4 KB tokenizer batch (every long text cut into hundreds of pieces) writes what
+    it writes when nothing is cut, byte for byte, FIM included; and the stored ids are the tokenizer's
+    ids of each whole text."""
+    from data import encode
+
+    texts = _long_texts()
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    tokenizer = str(embedded / "general" / fmt.TOKENIZER)
+    outs = {}
+    for batch in (1 << 12, 1 << 30):
+        monkeypatch.setattr(encode, "BATCH_CHARS", batch)
+        outs[batch] = tmp_path / f"batch{batch}" / "long"
+        prepare(Options([str(tmp_path / "long.jsonl")], str(outs[batch]), tokenizer=tokenizer, workers=1,
+                        code=kind == "code", fim_rate=0.9), progress=False)
+    cmp = filecmp.dircmp(*outs.values())
+    assert not cmp.diff_files and not cmp.left_only and not cmp.right_only and cmp.same_files
+    if kind == "text":
+        tok, stored = toks.load(tokenizer), stored_docs(outs[1 << 12])
+        for i, text in enumerate(texts):
+            assert stored[f"{tmp_path}/long.jsonl:{i + 1}"][:-1].tolist() == tok.encode(text, add_special_tokens=False).ids
+
+
+def test_a_tokenizer_that_cannot_be_cut_is_tokenised_whole(embedded, tmp_path, monkeypatch, capsys):
+    """A pre-tokenizer that adds a space before every text (or none that splits at all) would change
+    the ids at a cut: prepare says so and tokenises such documents whole."""
+    from tokenizers import pre_tokenizers
+
+    from data import encode
+
+    tok = toks.load(embedded / "general" / fmt.TOKENIZER)
+    assert toks.cut_check(tok) is None
+    for pre, why in [(pre_tokenizers.ByteLevel(add_prefix_space=True), "differ from the ids of the whole"),
+                     (pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False), "span a space"),
+                     (pre_tokenizers.Metaspace(), "span a space")]:
+        tok.pre_tokenizer = pre
+        assert why in toks.cut_check(tok)
+    tok.save(str(tmp_path / "prefix.json"))
+    text = _long_texts()[0][:200_000]
+    (tmp_path / "long.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    monkeypatch.setattr(encode, "BATCH_CHARS", 1 << 12)
+    out = tmp_path / "out"
+    prepare(Options([str(tmp_path / "long.jsonl")], str(out), tokenizer=str(tmp_path / "prefix.json"), workers=1),
+            progress=True)
+    assert "tokenised whole" in capsys.readouterr().err
+    whole = toks.load(tmp_path / "prefix.json").encode(text, add_special_tokens=False).ids
+    assert stored_docs(out)[f"{tmp_path}/long.jsonl:1"][:-1].tolist() == whole
+
+
+def test_a_worker_memory_does_not_follow_the_longest_document(embedded, tmp_path):
+    """A 16 MB one-line document costs a worker a few bytes per character (its text and its ids),
+    not the ~140 bytes per token that a whole-text Encoding and its Python list would: the peak that
+    prepare reports stays within 100 MB + 8 bytes per character of a run of small documents' peak."""
+    prose = _long_texts()[0]
+    big = (prose * (16_000_000 // len(prose) + 1))[:16_000_000]
+    (tmp_path / "big.jsonl").write_text(json.dumps({"text": big}) + "\n")
+    (tmp_path / "small.jsonl").write_text("".join(json.dumps({"text": big[i:i + 4000]}) + "\n"
+                                                  for i in range(0, 400_000, 4000)))
+    peaks = {}
+    for name in ("small", "big"):
+        out = tmp_path / name
+        m = prepare(Options([str(tmp_path / f"{name}.jsonl")], str(out), workers=2,
+                            tokenizer=str(embedded / "general" / fmt.TOKENIZER)), progress=False)
+        peaks[name] = m["worker_peak_mb"]
+    assert 0 < peaks["small"] < peaks["big"] < 1000, peaks
+    assert peaks["big"] - peaks["small"] < 100 + 8 * 16, peaks

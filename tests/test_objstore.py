@@ -14,7 +14,8 @@ import pytest
 
 from data import objstore
 from data.objstore import Counters, ObjectStoreError, Retries
-from tests.object_store import FaultProxy, Store, Unavailable
+from data.local_store import LocalStore, Unavailable
+from tests.object_store import FaultProxy
 
 pytestmark = pytest.mark.xdist_group("objstore")
 
@@ -25,7 +26,7 @@ QUICK = Retries(timeout_s=1.0, tries=30, give_up_s=60.0, backoff_s=0.05, max_bac
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     try:
-        s = Store(tmp_path_factory.mktemp("weed")).start()
+        s = LocalStore(tmp_path_factory.mktemp("weed")).start()
     except Unavailable as e:
         if os.environ.get("CI", "").lower() == "true":  # CI must run them: a skip there hides a broken fixture
             pytest.fail(f"no local object store under CI=true: {e}")
