@@ -43,6 +43,11 @@ from data.corpus import Document
 
 CHUNK_DOCS = 256  # documents per unit of work (or fewer, of CHUNK_CHARS in all); samples never span chunks
 CHUNK_CHARS = 1 << 22
+# A longer document is cut into documents of about this many characters (at a space between words
+# where there is one near), each with its end-of-document token, named `<id>#k/n` and counted: so a
+# worker's memory (~5 bytes per character of its longest document) stays under 1 GB whatever the
+# inputs hold. 64 Mi characters are ~16M tokens; a training sequence is 4K-128K of them.
+MAX_DOCUMENT_CHARS = 1 << 26
 DEFAULT_SHARD_TOKENS = 1 << 27
 EMBEDDED_SHARD_TOKENS = 1 << 15  # the embedded corpus is small; many shards let many readers share it
 
@@ -105,16 +110,34 @@ class Options:
 
 
 # --- main side -------------------------------------------------------------------------------------
-def _jobs(files: list[str], reader: inputs.Reader) -> Iterator[tuple[int, list[Document]]]:
+def _split(doc: Document, limit: int) -> list[Document]:
+    """`doc` as documents of about `limit` characters (see MAX_DOCUMENT_CHARS)."""
+    if len(doc.text) <= limit or doc.files:
+        return [doc]
+    cuts, at = [0], 0
+    while len(doc.text) - at > limit:
+        m = toks.CUT.search(doc.text, at + limit, at + limit + 65536)
+        at = m.start() if m else at + limit
+        cuts.append(at)
+    cuts.append(len(doc.text))
+    n = len(cuts) - 1
+    return [Document(f"{doc.id}#{k}/{n}", doc.text[a:b]) for k, (a, b) in enumerate(zip(cuts, cuts[1:]), 1)]
+
+
+def _jobs(files: list[str], reader: inputs.Reader, split: dict[str, int]) -> Iterator[tuple[int, list[Document]]]:
     for index, spec in enumerate(files):
         chunk: list[Document] = []
         chars = 0
-        for doc in reader.read(spec):
-            chunk.append(doc)
-            chars += len(doc.text)
-            if len(chunk) == CHUNK_DOCS or chars >= CHUNK_CHARS:
-                yield index, chunk
-                chunk, chars = [], 0
+        for whole in reader.read(spec):
+            docs = _split(whole, MAX_DOCUMENT_CHARS)
+            if len(docs) > 1:
+                split[spec] = split.get(spec, 0) + 1
+            for doc in docs:
+                chunk.append(doc)
+                chars += len(doc.text)
+                if len(chunk) == CHUNK_DOCS or chars >= CHUNK_CHARS:
+                    yield index, chunk
+                    chunk, chars = [], 0
         if chunk:
             yield index, chunk
 
@@ -353,12 +376,13 @@ class _Workers:
             self.pool.terminate()
 
 
-def _encoded(files: list[str], todo: range, workers: _Workers, reader, progress: bool
+def _encoded(files: list[str], todo: range, workers: _Workers, reader, progress: bool, split: dict[str, int]
              ) -> Iterator[tuple[int, list, int, int]]:
-    """(input index, samples, documents, empty documents) per chunk of the inputs `todo`, in order."""
+    """(input index, samples, documents, empty documents) per chunk of the inputs `todo`, in order;
+    `split` counts the documents cut (MAX_DOCUMENT_CHARS) per input."""
     bar = _progress(progress)
     tokens = 0
-    jobs = ((todo.start + i, chunk) for i, chunk in _jobs([files[j] for j in todo], reader))
+    jobs = ((todo.start + i, chunk) for i, chunk in _jobs([files[j] for j in todo], reader, split))
     try:
         for result in workers.map(jobs):
             yield result
@@ -394,6 +418,7 @@ def _prepare_into(out: Path, name: str, files: list[str], opts: Options, progres
                                              else DEFAULT_SHARD_TOKENS)
         reader = inputs.Reader(opts.text_field, opts.invalid_utf8)
         per_input = [{"path": f, "documents": 0, "empty": 0, "tokens": 0} for f in files]
+        split: dict[str, int] = {}
         if opts.part is not None:
             record = _write_part(out, files, opts, tok_json, workers, reader, per_input, progress, publish)
             record.update(elapsed_s=time.perf_counter() - started, worker_peak_mb=workers.peak_mb)
@@ -403,13 +428,14 @@ def _prepare_into(out: Path, name: str, files: list[str], opts: Options, progres
             if opts.merge is not None:
                 per_input = _merge_parts(writer, files, opts, tok_json, progress)
             else:
-                for index, samples, n_docs, n_empty in _encoded(files, range(len(files)), workers, reader, progress):
+                for index, samples, n_docs, n_empty in _encoded(files, range(len(files)), workers, reader, progress,
+                                                            split):
                     for tokens, docs, sample in samples:
                         writer.write(tokens, docs, sample)
                         per_input[index]["tokens"] += tokens
                     per_input[index]["documents"] += n_docs
                     per_input[index]["empty"] += n_empty
-                _note_replaced(per_input, reader)
+                _note_replaced(per_input, reader, split)
             writer.close()
         except BaseException:
             writer.abort()
@@ -433,8 +459,10 @@ def _prepare_into(out: Path, name: str, files: list[str], opts: Options, progres
             workers.close()
 
 
-def _note_replaced(per_input: list[dict], reader) -> None:
+def _note_replaced(per_input: list[dict], reader, split: dict[str, int]) -> None:
     for item in per_input:
+        if split.get(item["path"]):
+            item["split_documents"] = split[item["path"]]
         if reader.replaced.get(item["path"]):
             item["replaced_characters"] = reader.replaced[item["path"]]
         if reader.skipped_files.get(item["path"]):
@@ -458,9 +486,9 @@ def _write_part(out: Path, files: list[str], opts: Options, tok_json: str, worke
                 per_input: list[dict], progress: bool, publish) -> dict:
     i, n = opts.part_of()
     todo = ranges(files, n)[i]
-    rows = []
+    rows, split = [], {}
     with open(out / _SAMPLES, "wb") as f:
-        for index, samples, n_docs, n_empty in _encoded(files, todo, workers, reader, progress):
+        for index, samples, n_docs, n_empty in _encoded(files, todo, workers, reader, progress, split):
             for tokens, docs, sample in samples:
                 f.write(sample[fmt.TOKENS])
                 f.write(sample[fmt.META])
@@ -469,7 +497,7 @@ def _write_part(out: Path, files: list[str], opts: Options, tok_json: str, worke
             per_input[index]["documents"] += n_docs
             per_input[index]["empty"] += n_empty
     np.save(out / _INDEX, np.array(rows, dtype=np.int64).reshape(-1, 5))
-    _note_replaced(per_input, reader)
+    _note_replaced(per_input, reader, split)
     record = {"part": i, "parts": n, "inputs": [todo.start, todo.stop], "files": len(files),
               "files_sha256": _digest("\n".join(files)), "recipe": opts.recipe(),
               "tokenizer_sha256": _digest(tok_json), "per_input": [per_input[j] for j in todo],
@@ -543,6 +571,10 @@ def summary(manifest: dict, out: str) -> str:
              + (f", peak memory of a worker {manifest['worker_peak_mb']:.0f} MB" if manifest.get("worker_peak_mb") else "")]
     if skipped:
         lines.append(f"  skipped {skipped:,} empty documents")
+    split = sum(p.get("split_documents", 0) for p in manifest["inputs"])
+    if split:
+        lines.append(f"  cut {split:,} document(s) longer than {MAX_DOCUMENT_CHARS:,} characters into documents of "
+                     "about that many, each with its end-of-document token, named <id>#k/n")
     replaced = [(p["path"], p["replaced_characters"]) for p in manifest["inputs"] if p.get("replaced_characters")]
     if replaced:
         lines.append(f"  replaced {sum(n for _, n in replaced):,} invalid UTF-8 sequence(s) with U+FFFD in "

@@ -88,7 +88,7 @@ def vocab_size(tok: Tokenizer) -> int:
 # whole text is from that point. NFC/NFKC/NFD/NFKD never join across an ASCII character. Whether a
 # tokenizer really behaves so is checked once (`cut_check`) on a probe text; one that does not is
 # tokenised whole.
-_CUT = re.compile(r"(?<=[A-Za-z])(?= [A-Za-z]|[0-9])")
+CUT = re.compile(r"(?<=[A-Za-z])(?= [A-Za-z]|[0-9])")
 _SAFE_NORMALIZERS = {"NFC", "NFD", "NFKC", "NFKD"}
 _PROBE_EXTRA = (
     "It's a dog's life; they'd've gone. ABC123 x2 h264 utf8 IPv6 0x1F 3.14e10 "
@@ -101,7 +101,7 @@ def pieces(text: str, max_chars: int) -> Iterator[str]:
     or after the limit (a text with none there is left whole from the last cut)."""
     at = 0
     while len(text) - at > max_chars:
-        m = _CUT.search(text, at + max_chars)
+        m = CUT.search(text, at + max_chars)
         if m is None:
             break
         yield text[at:m.start()]
@@ -110,13 +110,13 @@ def pieces(text: str, max_chars: int) -> Iterator[str]:
 
 
 def cut_check(tok: Tokenizer) -> str | None:
-    """None if cutting texts at `_CUT` points keeps `tok`'s ids those of the whole text; else why not."""
+    """None if cutting texts at `CUT` points keeps `tok`'s ids those of the whole text; else why not."""
     normalizer = tok.normalizer
     parts = [] if normalizer is None else list(normalizer) if type(normalizer).__name__ == "Sequence" else [normalizer]
     unsafe = [type(n).__name__ for n in parts if type(n).__name__ not in _SAFE_NORMALIZERS]
     if unsafe:
         return f"its normalizer {'+'.join(unsafe)} may act across a cut"
-    spanning = [t.content for t in tok.get_added_tokens_decoder().values() if _CUT.search(t.content)]
+    spanning = [t.content for t in tok.get_added_tokens_decoder().values() if CUT.search(t.content)]
     if spanning:
         return f"its added token {spanning[0]!r} could span a cut"
     from pydoc_data import topics
@@ -127,10 +127,10 @@ def cut_check(tok: Tokenizer) -> str | None:
     if tok.pre_tokenizer is None:
         return "it has no pre-tokenizer: a whole text is one word"
     bounds = {b for _, span in tok.pre_tokenizer.pre_tokenize_str(probe) for b in span}
-    if any(m.start() not in bounds for m in _CUT.finditer(probe)):
+    if any(m.start() not in bounds for m in CUT.finditer(probe)):
         return "its pre-tokenizer lets a pre-token span a space between letters or a letter-digit pair"
     whole = tok.encode(probe, add_special_tokens=False).ids
-    cuts = [0, *(m.start() for m in _CUT.finditer(probe)), len(probe)]  # cut at every cut point
+    cuts = [0, *(m.start() for m in CUT.finditer(probe)), len(probe)]  # cut at every cut point
     split = [probe[a:b] for a, b in zip(cuts, cuts[1:])]
     cut = [i for e in tok.encode_batch_fast(split, add_special_tokens=False) for i in e.ids]
     if whole != cut:

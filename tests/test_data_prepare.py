@@ -390,3 +390,25 @@ def test_a_worker_memory_does_not_follow_the_longest_document(embedded, tmp_path
         peaks[name] = m["worker_peak_mb"]
     assert 0 < peaks["small"] < peaks["big"] < 1000, peaks
     assert peaks["big"] - peaks["small"] < 100 + 8 * 16, peaks
+
+
+def test_a_document_past_the_limit_becomes_several_counted_documents(embedded, tmp_path, monkeypatch, capsys):
+    """MAX_DOCUMENT_CHARS (64 Mi characters; 20,000 here) bounds what a worker holds: a longer document
+    is cut into documents of about that many characters, at a space between words, each with its EOD,
+    named <id>#k/n, counted per input and in the summary; together they hold every character once."""
+    from data import prepare as prep
+
+    monkeypatch.setattr(prep, "MAX_DOCUMENT_CHARS", 20_000)
+    text = _long_texts()[0][:70_000]
+    (tmp_path / "in.jsonl").write_text(json.dumps({"text": "short"}) + "\n" + json.dumps({"text": text}) + "\n")
+    assert cli.main(["prepare", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out"), "--workers", "2",
+                     "--tokenizer", str(embedded / "general" / fmt.TOKENIZER)]) == 0
+    assert "cut 1 document(s) longer than 20,000 characters" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "out" / fmt.MANIFEST).read_text())
+    assert manifest["inputs"][0]["split_documents"] == 1 and manifest["inputs"][0]["documents"] == 5
+    stored, tok = stored_docs(tmp_path / "out"), toks.load(embedded / "general" / fmt.TOKENIZER)
+    names = [f"{tmp_path}/in.jsonl:2#{k}/4" for k in range(1, 5)]
+    assert sorted(stored) == sorted([f"{tmp_path}/in.jsonl:1", *names])
+    pieces = [tok.decode(stored[n][:-1].tolist()) for n in names]
+    assert "".join(pieces) == text and all(19_000 < len(p) <= 20_100 for p in pieces[:3])
+    assert all(p[0] == " " for p in pieces[1:])  # cut before a space between words
