@@ -123,7 +123,8 @@ def cut_check(tok: Tokenizer) -> str | None:
 
     letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
     pairs = " ".join(f"x{a} {b}x{a}{d}" for a in letters for b in letters for d in "0123456789"[letters.index(b) % 10])
-    probe = "\n".join([_PROBE_EXTRA, pairs, *(topics.topics[k] for k in sorted(topics.topics)[:40])])
+    prose = "\n".join(topics.topics[k] for k in sorted(topics.topics)[:12])[:30000]  # Python's docs: prose and code
+    probe = "\n".join([_PROBE_EXTRA, pairs, prose])
     if tok.pre_tokenizer is None:
         return "it has no pre-tokenizer: a whole text is one word"
     bounds = {b for _, span in tok.pre_tokenizer.pre_tokenize_str(probe) for b in span}
