@@ -114,14 +114,8 @@ def _split(doc: Document, limit: int) -> list[Document]:
     """`doc` as documents of about `limit` characters (see MAX_DOCUMENT_CHARS)."""
     if len(doc.text) <= limit or doc.files:
         return [doc]
-    cuts, at = [0], 0
-    while len(doc.text) - at > limit:
-        m = toks.CUT.search(doc.text, at + limit, at + limit + 65536)
-        at = m.start() if m else at + limit
-        cuts.append(at)
-    cuts.append(len(doc.text))
-    n = len(cuts) - 1
-    return [Document(f"{doc.id}#{k}/{n}", doc.text[a:b]) for k, (a, b) in enumerate(zip(cuts, cuts[1:]), 1)]
+    texts = list(toks.pieces(doc.text, limit, reach=65536))
+    return [Document(f"{doc.id}#{k}/{len(texts)}", text) for k, text in enumerate(texts, 1)]
 
 
 def _jobs(files: list[str], reader: inputs.Reader, split: dict[str, int]) -> Iterator[tuple[int, list[Document]]]:

@@ -96,16 +96,20 @@ _PROBE_EXTRA = (
     "naïve café Straße 東京 2024年 ÀÉÎ ok done; ünïcödé words mixed123letters end")
 
 
-def pieces(text: str, max_chars: int) -> Iterator[str]:
+def pieces(text: str, max_chars: int, reach: int | None = None) -> Iterator[str]:
     """`text` cut into pieces of about `max_chars`, one at a time: each cut is the first cut point at
-    or after the limit (a text with none there is left whole from the last cut)."""
+    or after the limit; a text with none there is left whole from the last cut. With `reach`, one with
+    none within `reach` characters after the limit is cut at the limit itself (the pieces then need
+    not tokenise as the whole does: for cutting a document into documents)."""
     at = 0
     while len(text) - at > max_chars:
-        m = CUT.search(text, at + max_chars)
-        if m is None:
+        limit = at + max_chars
+        m = CUT.search(text, limit) if reach is None else CUT.search(text, limit, limit + reach)
+        if m is None and reach is None:
             break
-        yield text[at:m.start()]
-        at = m.start()
+        cut = m.start() if m else limit
+        yield text[at:cut]
+        at = cut
     yield text[at:] if at else text
 
 
