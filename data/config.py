@@ -17,7 +17,7 @@ PACKING = ("concat", "best_fit")
 ON_ERROR = ("fail", "skip")
 # how the loader reads rather than what: set once (the `data` group) for every stage of a run
 LOADER_SETTINGS = ("num_workers", "on_error", "max_skip_fraction", "holdout_shards", "read_timeout_s", "read_tries",
-                   "read_retry_s")
+                   "read_retry_s", "record")
 
 
 @dataclass
@@ -55,6 +55,10 @@ class DataConfig:
     read_timeout_s: float = 20.0
     read_tries: int = 30
     read_retry_s: float = 100.0
+    # record which stored samples each reader delivered, (epoch, source, shard, sample) with every
+    # batch (TokenLoader.delivered; glm-pretrain writes them under run.dir/deliveries/): to show
+    # that nothing is repeated or lost across restarts and size changes. Off: the loader keeps counts.
+    record: bool = False
 
     def validate(self, where: str = "data") -> "DataConfig":
         if not self.sources:

@@ -78,6 +78,8 @@ class Mixture:
                 packer = ConcatPacker(stream, cfg.seq_length, packer_state)
             else:
                 packer = BestFitPacker(stream, cfg.seq_length, cfg.pack_window, cfg.seed, packer_state)
+            if cfg.record:
+                stream.record = []
             self.streams.append(stream)
             self.packers.append(packer)
 
@@ -91,6 +93,15 @@ class Mixture:
             i = int(np.argmax(self.weights * (self.counts.sum() + 1) - self.counts))
             self.counts[i] += 1
             self.packers[i].fill(out[row] if self.cfg.packing == "concat" else out[:, row])
+        return out
+
+    def delivered(self) -> list:
+        """What the streams emitted since the last call (cfg.record), and clear it."""
+        out = []
+        for st in self.streams:
+            if st.record:
+                out += st.record
+                st.record.clear()
         return out
 
     def state(self) -> dict:
@@ -144,11 +155,12 @@ class _Slots(IterableDataset):
             mixture = Mixture(self.cfg, self.datasets, self.rank * self.n_workers + w,
                               self.n_ranks * self.n_workers, self.saved[w])
             while True:
-                yield torch.from_numpy(mixture.batch(self.micro_batch)), w, mixture.state()
+                batch = torch.from_numpy(mixture.batch(self.micro_batch))
+                yield batch, w, mixture.state(), mixture.delivered() if self.cfg.record else None
         except fmt.DataError as e:
             # to the training process as the message itself: DataLoader would wrap it in its own
             # traceback of the worker
-            yield _WorkerError(str(e)), w, None
+            yield _WorkerError(str(e)), w, None, None
 
 
 class TokenLoader:
@@ -166,6 +178,12 @@ class TokenLoader:
         self.datasets = open_sources(cfg, model_vocab, part)
         self.layout = {"n_ranks": n_ranks, "workers": self.n_workers, "seed": cfg.seed,
                        "shuffle_window": cfg.shuffle_window}
+        # a re-deal to another number of readers: what it dropped (the rest of each old reader's started
+        # shards) and from how many readers to how many; None when the layout is the saved one
+        self.redealt: dict | None = None
+        # cfg.record: (epoch, source, shard, sample) of what the batches taken so far delivered; the
+        # caller empties it
+        self.delivered: list = []
         self.worker_states, self.next_worker = self._restore(states)
 
     # --- state -------------------------------------------------------------------------------------
@@ -220,6 +238,7 @@ class TokenLoader:
         old = states[0]["layout"]
         n_old = old["n_ranks"] * old["workers"]
         sources = {}
+        dropped = 0
         for ds in self.datasets:
             olds = [(s["rank"] * old["workers"] + w, src["live"], src["exclude"])
                     for s in states for w, ws in enumerate(s["workers"])
@@ -228,6 +247,7 @@ class TokenLoader:
                 continue
             streams = [SlotStream(ds, slot, n_old, old["seed"], old["shuffle_window"], ds.vocab_size, ErrorPolicy(),
                                   exclude=excl, position=live) for slot, live, excl in olds]
+            dropped += sum(st.left_in_started_shards() for st in streams)
             first = min(st.pos["epoch"] for st in streams)
             last = max(st.pos["epoch"] for st in streams)
             exclude = {str(e): sorted({s for st in streams for s in [*st.exclude.get(e, ()), *st.consumed_shards(e)]})
@@ -237,6 +257,8 @@ class TokenLoader:
         # every reader now)
         merged = ErrorPolicy.merged([w.get("skips") for s in states for w in s["workers"]])
         reads = Counters.total(w.get("reads") for s in states for w in s["workers"])
+        self.redealt = {"from_readers": n_old, "to_readers": self.n_ranks * self.n_workers,
+                        "dropped_samples": dropped}
         return [{"sources": copy.deepcopy(sources), "skips": merged if i == 0 and self.rank == 0 else None,
                  "reads": reads.state() if i == 0 and self.rank == 0 else None}
                 for i in range(self.n_workers)]
@@ -252,10 +274,12 @@ class TokenLoader:
         loader = DataLoader(slots, batch_size=None, num_workers=self.cfg.num_workers, pin_memory=self.pin_memory,
                             prefetch_factor=4 if self.cfg.num_workers else None, collate_fn=_as_is,
                             worker_init_fn=_ignore_stop_signals)
-        for packed, w, state in loader:
+        for packed, w, state, delivered in loader:
             if isinstance(packed, _WorkerError):
                 raise fmt.DataError(str(packed))
             self.worker_states[w] = state
+            if delivered:
+                self.delivered += delivered
             self.next_worker = (w + 1) % self.n_workers
             yield unpack(packed, self.cfg.packing)
 

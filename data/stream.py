@@ -339,6 +339,7 @@ class SlotStream:
         self._buffer: list | None = None  # the current window: [(where, raw) or None], and its order
         self._reader: dict | None = None  # the open shard: its place, iterator and next offset
         self._decompressor = zstandard.ZstdDecompressor()
+        self.record: list | None = None  # when a list: (epoch, source, shard, sample) of each one emitted
         self._bad_in_a_row = 0  # skip mode: consecutive bad shards (a whole pass of them ends the run)
         self._opened = 0  # skip mode: shards this reader has opened
         if len(ds.urls) < n_slots:
@@ -413,7 +414,7 @@ class SlotStream:
         end = min(begin + self.window, int(starts[-1]))
         items = [self._sample_at(shards, starts, o) for o in range(begin, end)]
         order = rng_for(self.seed, self.ds.name, str(self.slot), str(self.pos["epoch"]), str(self.pos["window"]))
-        self._buffer = [items, order.permutation(len(items))]
+        self._buffer = [items, order.permutation(len(items)), begin]
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, dict]]:
         return self
@@ -422,17 +423,30 @@ class SlotStream:
         while True:
             if self._buffer is None:
                 self._load_window()
-            items, order = self._buffer
+            items, order, begin = self._buffer
             if self.pos["emitted"] >= len(items):
                 self.pos = {**self.pos, "window": self.pos["window"] + 1, "emitted": 0}
                 self._buffer = None
                 continue
             item = items[order[self.pos["emitted"]]]
+            offset = begin + int(order[self.pos["emitted"]])
             self.pos["emitted"] += 1
             if item is None:
                 continue
+            if self.record is not None:
+                shards, starts = self._epoch(self.pos["epoch"])
+                i = int(np.searchsorted(starts, offset, side="right")) - 1
+                self.record.append((self.pos["epoch"], self.ds.name, shards[i], offset - int(starts[i])))
             where, raw = item
             return fmt.decode_sample(raw, self.ds.dtype, self.vocab_size, where, self._decompressor)
+
+    def left_in_started_shards(self) -> int:
+        """Samples of the shards this slot has started that it has not emitted: what a re-deal to a
+        new layout drops (consumed_shards go to nobody)."""
+        e = self.pos["epoch"]
+        shards, starts = self._epoch(e)
+        started = len(self.consumed_shards(e))
+        return max(0, int(starts[started]) - (self.pos["window"] * self.window + self.pos["emitted"]))
 
     def consumed_shards(self, epoch: int) -> list[int]:
         """Shards of `epoch` this slot has started reading (for re-dealing shards to a new layout)."""

@@ -201,6 +201,24 @@ def _model_state(chunks: list) -> dict:
     return {key: chunk.sharded_state_dict(metadata=metadata) for key, chunk in zip(_model_keys(chunks), chunks)}
 
 
+def _signal_proof_results_queue() -> None:
+    """Megatron's checkpoint writers report through a queue of a multiprocessing manager it spawns on
+    first use; a spawned process starts with the default signal actions, so the preemption signal
+    that Slurm sends to every process of a job (USR1, SIGTERM) killed it, and the very save that
+    signal asked for failed ("Broken pipe"). The same queue, from a manager that ignores them."""
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", False) is None:  # (what ctx.Manager() does, plus the initializer)
+        from pretrain.faults import ignore_stop_signals
+
+        manager = SyncManager(ctx=mp.get_context("spawn"))
+        manager.start(initializer=ignore_stop_signals)
+        filesystem_async._results_queue = manager.Queue()  # (its proxy keeps the manager alive)
+
+
 class CheckpointManager:
     def __init__(self, run_dir: str | Path, keep_last: int = 3, asynchronous: bool = False):
         self.dir = Path(run_dir) / "checkpoints"
@@ -271,6 +289,7 @@ class CheckpointManager:
         self._agree(error, tmp, final)
         state = {**_model_state(chunks), **optim_checkpoint.sharded_state_dict(optimizer),
                  "trainer": common, "ranks": ranks}
+        _signal_proof_results_queue()
         commit = partial(self._commit, tmp, final, meta, tuple(hf_files))
         try:
             # a write that fails on any rank raises CheckpointException on every rank (DCP gathers
@@ -314,6 +333,12 @@ class CheckpointManager:
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         previous = (self.dir / LATEST).read_text().strip() if (self.dir / LATEST).is_file() else None
+        from pretrain.watchdog import lost_a_peer
+
+        if lost_a_peer(RuntimeError(error)):  # a rank (its node) went away mid-save: not the disk's fault, and
+            # a restart goes on (exit 1, requeued; the watchdog's verdict names the lost rank)
+            raise RuntimeError(f"cannot save {final}: a peer was lost during the save ({error}); `latest` still "
+                               f"names {previous or 'no checkpoint'}")
         raise CheckpointSaveError(f"cannot save {final}: {error}{space}; " +
                                   (f"`latest` still names {previous}" if previous else "no checkpoint was saved before")
                                   + f" and the partial {tmp.name} was removed")

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 HELP = """\
-usage: glm-pretrain experiment=NAME [field=value ...] [--print-config]
+usage: glm-pretrain experiment=NAME [field=value ...] [--print-config | --fit-nodes NODES PER_NODE]
 
 Train a deep-narrow GLM-4.5-family MoE model on Megatron-Core. The run directory (run.dir) holds
 the resolved config, TensorBoard events (tensorboard/), checkpoints (checkpoints/, `latest` names
@@ -44,12 +44,16 @@ main fields (any field of any group can be overridden with Hydra syntax):
                 another S3-compatible store; credentials, region and profiles as the AWS tools take them)
   run.dir=outputs/runs/NAME  run.exit_after_minutes=0
   faults.watchdog.factor / .floor_s / .first_s / .step_s / .checkpoint_s / .validation_s / .poll_s
-                / .grace_s / .enabled   (hang watchdog: timeouts from observed durations; README: Faults)
+                / .grace_s / .alive_s / .silent_s / .enabled   (hang watchdog: timeouts from observed durations; README: Faults)
   faults.spike.policy=skip|rewind|off / .factor / .window / .max_spikes / .max_spikes_steps
   faults.straggler.factor / .steps   faults.on_save_error=stop|continue
 
 --print-config: print the resolved config (checked against WORLD_SIZE when set) and exit; nothing
     is started or opened (the Slurm launchers' DRY_RUN=1 uses it).
+--fit-nodes NODES PER_NODE: print the most of NODES nodes (PER_NODE processes each) the run can use:
+    every stage's layout must fit and the global batch must divide into micro-batch x data-parallel
+    sequences (pretrain/elastic.py); stderr names the node counts that work; exit 2 when none does.
+    The Slurm launchers use it on every (re)start of a job given a node range.
 
 Each rank runs under a supervisor process that ends the whole run when a rank stops making progress
 or dies, naming it, with every rank's stacks in run.dir/watchdog/.
@@ -116,11 +120,29 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", slurm_environment().get("RANK", 0)))
     print_only = "--print-config" in argv
     argv = [a for a in argv if a != "--print-config"]
+    fit = None
+    if "--fit-nodes" in argv:
+        i = argv.index("--fit-nodes")
+        try:
+            fit = int(argv[i + 1]), int(argv[i + 2])
+        except (IndexError, ValueError):
+            print("glm-pretrain: --fit-nodes takes two numbers: NODES PER_NODE", file=sys.stderr)
+            return 2
+        argv = argv[:i] + argv[i + 3:]
     overrides = list(argv)
     try:
         cfg = compose(argv)
         if not cfg.experiment:
             raise ConfigError("no experiment chosen: add experiment=NAME (glm-pretrain --help lists them)")
+        if fit is not None:  # the launchers: how many of the job's nodes to use
+            from pretrain import elastic
+
+            best, text = elastic.best_node_count(cfg, fit[1], fit[0])
+            print(f"glm-pretrain: {text}", file=sys.stderr)
+            if not best:
+                return 2
+            print(best)
+            return 0
         if print_only:  # the launchers' dry run: checked against the launch's size, nothing opened
             world = os.environ.get("WORLD_SIZE")
             cfg.validate(world_size=int(world) if world else None)

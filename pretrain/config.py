@@ -97,6 +97,11 @@ class WatchdogConfig:
     shutdown_s: float = 0.0
     poll_s: float = 2.0  # how often each supervisor looks for another rank's abort (one stat)
     grace_s: float = 20.0  # how long rank 0's supervisor waits for the other ranks' reports
+    # a supervisor that stops answering (stopped, or its node gone): each one refreshes its entry
+    # under the launch's ranks/ every alive_s and watches the next rank's; one unchanged for silent_s
+    # ends the run, naming that rank and its node
+    alive_s: float = 5.0
+    silent_s: float = 60.0
 
 
 @dataclass
@@ -212,13 +217,17 @@ class Config:
         checks = {"spike.factor": (f.spike.factor, 1.0), "spike.window": (f.spike.window, 1),
                   "spike.max_spikes": (f.spike.max_spikes, 1), "spike.max_spikes_steps": (f.spike.max_spikes_steps, 1),
                   "straggler.factor": (f.straggler.factor, 1.0), "straggler.steps": (f.straggler.steps, 1),
-                  "watchdog.factor": (f.watchdog.factor, 1.0), "watchdog.poll_s": (f.watchdog.poll_s, 0.1)}
+                  "watchdog.factor": (f.watchdog.factor, 1.0), "watchdog.poll_s": (f.watchdog.poll_s, 0.1),
+                  "watchdog.alive_s": (f.watchdog.alive_s, 0.5)}
         for name in ("floor_s", "first_s", "startup_s", "step_s", "validation_s", "checkpoint_s", "shutdown_s",
                      "grace_s"):
             checks[f"watchdog.{name}"] = (getattr(f.watchdog, name), 0.0)
         for name, (value, low) in checks.items():
             if value < low:
                 raise ConfigError(f"{where}: faults.{name}={value} must be >= {low}")
+        if f.watchdog.silent_s < 3 * f.watchdog.alive_s:
+            raise ConfigError(f"{where}: faults.watchdog.silent_s={f.watchdog.silent_s} must be at least 3 x "
+                              f"faults.watchdog.alive_s={f.watchdog.alive_s} (a busy file system delays a refresh)")
 
     def layout_of(self, stage: str | None) -> ParallelConfig:
         """The parallel layout stage `stage` runs under (the first stage's for None)."""

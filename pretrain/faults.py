@@ -39,6 +39,14 @@ def _remember(signum, frame):
     _stop_signalled = True
 
 
+def ignore_stop_signals() -> None:
+    """In a helper process the training process starts (a checkpoint writer's results manager): a
+    scheduler signals every process of the job (Slurm's `--signal=USR1`, SIGTERM at a time limit), and
+    the training process, which decides when to stop, still needs its helpers for the save it makes."""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def catch_stop_signals() -> None:
     """For the whole life of a training process: a stop signal outside the loop is remembered, not
     fatal. One during start-up stops the run at its first step (saved, exit 75), as during training;

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -145,7 +146,10 @@ class Trainer:
         self.tokens = 0
         self.samples = 0
         self.skipped = 0
+        self.dropped_samples = 0  # stored samples left behind where the data-parallel size changed
         self.stage_name = ""
+        self.resized: dict | None = None  # resumed under another world size: from what
+        self.recorder = None  # data.record: the delivery record (pretrain/deliveries.py)
         self.loader = self.iterator = self.batches = None
         self.loader_states: list | None = None  # every rank's loader state, to continue from
         self._skips_seen = 0  # bad shards skipped, as last reported
@@ -159,7 +163,8 @@ class Trainer:
     def state_dict(self) -> dict:
         """The counters every rank shares."""
         return {"step": self.step, "tokens": self.tokens, "samples": self.samples, "skipped": self.skipped,
-                "stage": self.stage_name, "spike_detector": self.spikes.state_dict()}
+                "stage": self.stage_name, "spike_detector": self.spikes.state_dict(),
+                "dropped_samples": self.dropped_samples}
 
     def rank_state_dict(self) -> dict:
         """This rank's own: its data-parallel replica's loader position, its RNG."""
@@ -171,10 +176,13 @@ class Trainer:
         own (`mine`, None when the world size changed)."""
         self.step, self.tokens, self.samples = common["step"], common["tokens"], common["samples"]
         self.skipped, self.stage_name = common["skipped"], common["stage"]
+        self.dropped_samples = common.get("dropped_samples", 0)
         self.spikes.load_state_dict(common.get("spike_detector"))
         # one loader state per data-parallel rank (tensor/expert-parallel peers share theirs)
         by_dp = {r["dp_rank"]: r["loader"] for r in ranks["all"]}
         self.loader_states = [by_dp[i] for i in sorted(by_dp)]
+        if len(ranks["all"]) != dist.get_world_size():
+            self.resized = {"world": len(ranks["all"]), "dp": len(self.loader_states)}
         if ranks["mine"] is not None:
             set_rng_state(ranks["mine"]["rng"])
 
@@ -262,6 +270,13 @@ class Trainer:
         self.loader = TokenLoader(data, self.cfg.train.micro_batch_size, rank=self.dp_rank, n_ranks=self.dp,
                                   model_vocab=self.cfg.model.vocab_size, states=self.loader_states,
                                   pin_memory=self.device.type == "cuda")
+        if self.loader.redealt:  # (every rank re-deals all the old readers' positions: the same total)
+            self.dropped_samples += self.loader.redealt["dropped_samples"]
+        if data.record and self.recorder is None and self._first_of_replica():
+            from pretrain.deliveries import Recorder
+
+            self.recorder = Recorder(self.run_dir, f"step-{self.step:08d}-{watchdog.launch_id()}", self.dp_rank,
+                                     self.step)
         self.batches = watchdog.beating(iter(self.loader))
         self.iterator = per_chunk(self.batches, len(self.chunks))
         if stage.name != self.stage_name:
@@ -280,6 +295,42 @@ class Trainer:
                + " ".join(f"{k}={v}" for k, v in values.items()))
         log.info(("switched to " if switched else "") + msg)
         self.metrics.text("stage", msg, self.step)
+
+    def _first_of_replica(self) -> bool:
+        """Whether this rank is its data-parallel replica's first (its tensor, context and pipeline
+        peers read the same batches)."""
+        from megatron.core import parallel_state as ps
+
+        return (ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
+                and ps.get_pipeline_model_parallel_rank() == 0)
+
+    def report_resize(self) -> None:
+        """The run resumed under another world size: check that its global batch stays, and say so in
+        the log and TensorBoard, with why (the launch's nodes) and what the loader dropped."""
+        from model.config import ConfigError
+        from pretrain import elastic
+
+        world, old = dist.get_world_size(), self.resized
+        problem = elastic.batch_problem(self.cfg, world)
+        if problem:
+            raise ConfigError(f"{problem}: the checkpoint of step {self.step} (a run of {old['world']} processes) "
+                              f"cannot go on at {world} with the same global batch")
+        t = self.cfg.train
+        env = os.environ
+        why = (f"job {env['SLURM_JOB_ID']} (restart {env.get('SLURM_RESTART_COUNT', '0')}) runs on "
+               f"{env.get('SLURM_JOB_NUM_NODES', '?')} node(s), {env.get('SLURM_STEP_NODELIST') or env.get('SLURM_JOB_NODELIST', '?')}"
+               if env.get("SLURM_JOB_ID") else f"this launch has {world} process(es)")
+        msg = (f"world size changed from {old['world']} to {world} processes at step {self.step} "
+               f"(data-parallel {old['dp']} -> {self.dp}, layout {self.cfg.parallel.describe(world)}): {why}; the "
+               f"global batch stays {t.global_batch_tokens:,} tokens (micro-batches per replica follow); the loader "
+               f"dropped {self.dropped_samples:,} stored sample(s) so far (the rest of each old reader's started "
+               "shards)")
+        if t.batch_ramp_tokens and t.batch_start_tokens != t.global_batch_tokens and self.tokens < t.batch_ramp_tokens:
+            msg += (f"; inside the batch ramp the batch is rounded down to micro-batch x data-parallel = "
+                    f"{t.micro_batch_size * self.dp} sequences, at this size")
+        log.warning(msg)
+        self.metrics.text("world size", msg, self.step)
+        self.resized = None
 
     def stop_for_layout(self, stage: stages_mod.Stage) -> int:
         """Stage `stage` runs under another parallel layout: save at its boundary and exit for a
@@ -385,7 +436,7 @@ class Trainer:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         t = self.cfg.train
-        data = dataclasses.replace(self.cfg.stage_data[stage.name], num_workers=0)
+        data = dataclasses.replace(self.cfg.stage_data[stage.name], num_workers=0, record=False)
         readers = min(self.dp, data.holdout_shards)  # replicas beyond the held-out shards repeat them
         loader = TokenLoader(data, t.micro_batch_size, rank=self.dp_rank % readers, n_ranks=readers,
                              model_vocab=self.cfg.model.vocab_size, part="validation")
@@ -424,6 +475,8 @@ class Trainer:
                     if cfg.layout_of(stage.name) != cfg.parallel:
                         return self.stop_for_layout(stage)
                     self.enter(stage)
+                    if self.resized:
+                        self.report_resize()
                 seqs = schedules.batch_sequences(self.tokens, t.batch_start_tokens, t.global_batch_tokens,
                                                  t.batch_ramp_tokens, self.seq_length, granule)
                 lr = schedules.learning_rate(self.tokens, cfg.optim.lr, t.lr_min, t.lr_warmup_tokens, total)
@@ -443,6 +496,9 @@ class Trainer:
                 self.step += 1
                 self.tokens += batch_tokens
                 self.samples += seqs
+                if self.recorder is not None:
+                    self.recorder.write(self.step, self.loader.delivered)
+                    self.loader.delivered = []
                 if left_out:
                     log.info(f"step {self.step:>6} [{stage.name}] left out: its batch is recorded in "
                              f"{self.spikes.path}")
@@ -458,6 +514,7 @@ class Trainer:
                          "throughput": flops / elapsed / world / 1e12,
                          "tokens-per-second": batch_tokens / elapsed, "consumed-tokens": self.tokens,
                          "stage": stage.index, "skipped-iterations": self.skipped, **self.data_scalars(),
+                         "world-size": world, "data-dropped-samples": self.dropped_samples,
                          "loss-spikes": len(self.spikes.spikes) + (spike_median is not None),
                          "checkpoint-save-failures": self.checkpoints.failures,
                          **self.straggler.scalars(self.load.work_s, self.step),
@@ -527,7 +584,6 @@ def preflight(cfg: Config) -> None:
     cannot do in a stage (check_impl_for_stages); every stage's sources open (manifests only):
     missing data, mixed tokenizers, or a tokenizer with more ids than the model's vocabulary fail
     here, named."""
-    import os
 
     from data import format as fmt
     from data.loader import open_sources

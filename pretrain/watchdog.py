@@ -25,6 +25,15 @@ the supervisor is the parent of the training process and shares nothing with it 
   died first, or the stopped one, or the one(s) behind the others, with its section and step.
 - The training process dies with its supervisor (PR_SET_PDEATHSIG), so a launcher that kills the
   supervisor (torchrun, srun) leaves no orphan.
+- **Supervisors watch each other**: each one writes its entry (rank, host, pid) under
+  `launch-<id>/ranks/` at the start, refreshes it every `alive_s` and watches the next rank's (a ring:
+  one stat each). An entry unchanged for `silent_s` (its supervisor stopped, its node gone) ends the
+  run like a hang, naming that rank and its node. A supervisor that ends writes how into its entry.
+- **The verdict** is written by rank 0's supervisor, or, when rank 0's is gone (its node lost), by the
+  lowest rank that reported. Ranks with no report are named by node ("node p3, ranks 2-3: no
+  report"), with the node's state in Slurm where the job runs under it. A launch that ended with
+  neither verdict nor a clean end (Slurm ended the job first: a node failure) gets one at the start of
+  the next launch, from what it left.
 
 A supervisor kills its live training process only 2 x poll_s + 2 s after freezing it, once every
 other supervisor has seen the marker and frozen its own: killing one rank breaks its peers'
@@ -335,7 +344,51 @@ def _where(report: dict) -> str:
     return text
 
 
-def verdict(reports: dict[int, dict], world: int) -> str:
+def _ranges(ranks: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    out, ranks = [], sorted(ranks)
+    i = 0
+    while i < len(ranks):
+        j = i
+        while j + 1 < len(ranks) and ranks[j + 1] == ranks[j] + 1:
+            j += 1
+        out.append(str(ranks[i]) if i == j else f"{ranks[i]}-{ranks[j]}")
+        i = j + 1
+    return ", ".join(out)
+
+
+def _by_node(ranks: list[int], hosts: dict[int, str]) -> str:
+    """Ranks grouped by their node: "node p3, ranks 2-3; node p4, rank 4"."""
+    nodes: dict[str, list[int]] = {}
+    for r in ranks:
+        nodes.setdefault(hosts.get(r, "?"), []).append(r)
+    return "; ".join(f"{'node ' + h if h != '?' else 'an unknown node'}, rank{'s' if len(rs) > 1 else ''} "
+                     f"{_ranges(rs)}" for h, rs in sorted(nodes.items(), key=lambda kv: min(kv[1])))
+
+
+def slurm_node_states(hosts) -> dict[str, str]:
+    """The state of each of `hosts` in Slurm that is not a healthy one ("DOWN+NOT_RESPONDING (Not
+    responding)"), inside a Slurm job where scontrol answers; {} otherwise."""
+    hosts = sorted(set(hosts) - {"?"})
+    if not hosts or not os.environ.get("SLURM_JOB_ID"):
+        return {}
+    try:
+        p = subprocess.run(["scontrol", "show", "node", "-o", ",".join(hosts)], capture_output=True, text=True,
+                           timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    out = {}
+    for line in p.stdout.splitlines():
+        fields = dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
+        state = fields.get("State", "")
+        if any(bad in state for bad in ("DOWN", "NOT_RESPONDING", "FAIL", "DRAIN")):
+            reason = line.split("Reason=", 1)[1].split(" [")[0] if "Reason=" in line else ""
+            out[fields.get("NodeName", "?")] = state + (f" ({reason})" if reason else "")
+    return out
+
+
+def verdict(reports: dict[int, dict], world: int, hosts: dict[int, str] | None = None,
+            node_states: dict[str, str] | None = None, ended: dict[int, str] | None = None) -> str:
     """One line naming the rank(s) at fault, from every rank's report. A rank that died of a lost peer
     (its collective failed: `failed`) is never the culprit while another rank died of something else,
     whichever supervisor noticed first: a peer's error follows the death within milliseconds, and
@@ -346,16 +399,27 @@ def verdict(reports: dict[int, dict], world: int) -> str:
         # hung waiting for it
         r = first[0]
         return f"rank {r['rank']} died ({r['exit']}) in {_where(r)} on {r['host']}; the others were ended"
-    missing = [r for r in range(world) if r not in reports]
+    hosts, ended = hosts or {}, ended or {}
+    missing = [r for r in range(world) if r not in reports and r not in ended]
     stopped = [r for r in reports.values() if r.get("stopped")]
     lost = [r for r in reports.values() if r["kind"] == "died" and r.get("peer_lost")]
     parts = []
+    for r in reports.values():
+        if r["kind"] == "silent" and r.get("silent_rank") in missing:
+            parts.append(f"the supervisor of rank {r['silent_rank']} on {r.get('silent_host', '?')} stopped answering "
+                         f"(its entry unchanged for {r.get('silent_s', 0):.0f} s: stopped, or its node gone)")
+            break
     if stopped:
         parts += [f"rank {r['rank']} is stopped ({r['stopped']}) in {_where(r)}" for r in stopped]
     if missing:
-        parts.append(f"no report from rank{'s' if len(missing) > 1 else ''} "
-                     f"{', '.join(map(str, missing[:16]))}{' ...' if len(missing) > 16 else ''} "
-                     "(its node or its supervisor is gone)")
+        parts.append(f"{_by_node(missing[:64], hosts)}{' ...' if len(missing) > 64 else ''}: no report "
+                     "(the node or its supervisor is gone)")
+    for host, state in sorted((node_states or {}).items()):
+        parts.append(f"Slurm has node {host} {state}")
+    for code in sorted(set(ended.values())):
+        rs = [r for r, c in ended.items() if c == code]
+        parts.append(f"rank{'s' if len(rs) > 1 else ''} {_ranges(rs)} ended by {'themselves' if len(rs) > 1 else 'itself'} "
+                     f"({code})")
     if lost:  # every death was a peer's consequence: the lost one left no report, or is behind the others
         parts.append(f"rank{'s' if len(lost) > 1 else ''} {', '.join(str(r['rank']) for r in lost[:8])} lost a peer "
                      f"in a collective ({lost[0]['exit']}) in {_where(lost[0])}")
@@ -383,6 +447,11 @@ class Supervisor:
         self.world = int(env.get("WORLD_SIZE") or env.get("SLURM_NTASKS") or 1)
         self.launch = self.run_dir / "watchdog" / f"launch-{launch_id()}"
         self.abort = self.launch / "ABORT"
+        self.entry = self.launch / "ranks" / f"rank-{self.rank}"  # this supervisor's entry: who, where, alive
+        self.host = socket.gethostname()
+        # the next rank's entry: its last change (mtime) and when this supervisor saw it change
+        self.watched = (self.rank + 1) % self.world if self.world > 1 else None
+        self._watched_seen: tuple[float, float] | None = None
         self.longest = load_longest(self.run_dir)
         self.saved_longest = dict(self.longest)
         self.child: subprocess.Popen | None = None
@@ -391,9 +460,10 @@ class Supervisor:
         self.not_before = time.time() - 120
 
     # -- output --
-    def say(self, text: str, everywhere: bool = False) -> None:
+    def say(self, text: str, everywhere: bool = False, writer: bool = False) -> None:
+        """To the console; `everywhere`: to log.txt too, from rank 0 (or from `writer`, the verdict's)."""
         stamp = time.strftime("%H:%M:%S")
-        if self.rank == 0:
+        if self.rank == 0 or writer:
             line = f"{stamp} watchdog: {text}"
             print(line, flush=True)
             if everywhere:
@@ -413,18 +483,24 @@ class Supervisor:
         read_fd, write_fd = os.pipe()
         env = {**os.environ, HEARTBEAT_ENV: str(hb_path), STACKS_FD_ENV: str(write_fd)}
         forwarded = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+        code = None
         try:
+            if self.rank == 0:
+                self._review_previous()
+            self._write_entry({})
             self.child = subprocess.Popen([sys.executable, "-m", "pretrain", *self.argv], env=env,
                                           pass_fds=(write_fd,))
             os.close(write_fd)
             for s in forwarded:  # to the training process (SIGINT: a terminal sends it to both)
                 signal.signal(s, self._forward if s != signal.SIGINT else signal.SIG_IGN)
-            return self._watch(heartbeat, read_fd)
+            code = self._watch(heartbeat, read_fd)
+            return code
         except BaseException:
             if self.child is not None:
                 _kill_tree(self.child.pid)
             raise
         finally:  # (the signal handlers stay: a launcher's SIGTERM now must not cut this exit short)
+            self._write_entry({"ended": code if code is not None else "error"})
             heartbeat.close()
             hb_path.unlink(missing_ok=True)
             os.close(read_fd)
@@ -442,7 +518,7 @@ class Supervisor:
         cfg = self.cfg
         started = time.monotonic()
         last = {"section": "startup", "flags": FIRST, "step": -1, "micro": 0, "entered": started, "beat": started}
-        next_abort_check = 0.0
+        next_abort_check = next_alive = 0.0
         while True:
             try:
                 code = self.child.wait(timeout=min(cfg.poll_s, 1.0))
@@ -480,6 +556,19 @@ class Supervisor:
                 if self._fresh(self.abort):
                     self._end("aborted", last, now, read_fd)
                     return EXIT_HUNG
+            if now >= next_alive:
+                next_alive = now + cfg.alive_s
+                try:
+                    os.utime(self.entry)
+                except OSError:
+                    pass  # (a file system that stalls: the peer's watch allows silent_s)
+                silent = self._silent_peer(now)
+                if silent:
+                    self.say(f"the supervisor of rank {silent['silent_rank']} on {silent['silent_host']} has not "
+                             f"answered for {silent['silent_s']:.0f} s (faults.watchdog.silent_s={cfg.silent_s:g}): "
+                             "ending the run", True)
+                    self._end("silent", last, now, read_fd, extra=silent)
+                    return EXIT_HUNG
             if self.rank == 0 and now - started > 30:
                 self._save_longest()
 
@@ -498,6 +587,89 @@ class Supervisor:
         except OSError:
             pass  # a full disk: the timeouts stay calibrated in memory
 
+    def _write_entry(self, extra: dict) -> None:
+        try:
+            self.entry.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.entry.with_name(f".{self.entry.name}.tmp")
+            restart = int(os.environ.get("SLURM_RESTART_COUNT") or os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+            tmp.write_text(json.dumps({"rank": self.rank, "host": self.host, "pid": os.getpid(), "restart": restart,
+                                       **extra}) + "\n")
+            os.replace(tmp, self.entry)
+        except OSError:
+            pass
+
+    def _silent_peer(self, now: float) -> dict | None:
+        """The watched rank, when its supervisor's entry has not changed for silent_s and it has not
+        ended or reported (it is ending); None otherwise (also before it wrote an entry at all)."""
+        if self.watched is None:
+            return None
+        entry = self.launch / "ranks" / f"rank-{self.watched}"
+        try:
+            mtime = entry.stat().st_mtime
+        except OSError:
+            return None
+        if self._watched_seen is None or self._watched_seen[0] != mtime:
+            self._watched_seen = (mtime, now)  # seen to change: clocks of other nodes do not matter
+            return None
+        if now - self._watched_seen[1] < self.cfg.silent_s:
+            return None
+        try:
+            info = json.loads(entry.read_text())
+        except (OSError, ValueError):
+            info = {}
+        if "ended" in info or (self.launch / f"report-rank-{self.watched}.json").exists():
+            return None
+        return {"silent_rank": self.watched, "silent_host": info.get("host", "?"),
+                "silent_s": round(now - self._watched_seen[1], 1)}
+
+    def _entries(self, launch: Path) -> dict[int, dict]:
+        out = {}
+        for f in (launch / "ranks").glob("rank-*"):
+            try:
+                info = json.loads(f.read_text())
+                out[int(info["rank"])] = info
+            except (OSError, ValueError, KeyError):
+                pass
+        return out
+
+    def _reports(self, launch: Path, fresh_only: bool = True) -> dict[int, dict]:
+        reports = {}
+        for f in launch.glob("report-rank-*.json"):
+            if fresh_only and not self._fresh(f):
+                continue
+            try:
+                r = json.loads(f.read_text())
+                reports[r["rank"]] = r
+            except (OSError, ValueError, KeyError):
+                pass
+        return reports
+
+    def _review_previous(self) -> None:
+        """The launch before this one, when it ended with neither a verdict nor a clean end (its
+        job was ended from outside first: a node failure, a cancel): its verdict, from what it left."""
+        launches = [d for d in (self.run_dir / "watchdog").glob("launch-*") if d != self.launch
+                    and (d / "ranks").is_dir() and not (d / "VERDICT").exists()]
+        if not launches:
+            return
+        last = max(launches, key=lambda d: (d / "ranks").stat().st_mtime)
+        entries = self._entries(last)
+        if not entries or all("ended" in e for e in entries.values()):
+            return
+        world = max(entries) + 1
+        reports = self._reports(last, fresh_only=False)
+        hosts = {r: e.get("host", "?") for r, e in entries.items()}
+        ended = {r: f"exit {e['ended']}" for r, e in entries.items() if "ended" in e and r not in reports}
+        missing = [r for r in range(world) if r not in reports and r not in ended]
+        states = slurm_node_states(hosts[r] for r in missing if r in hosts)
+        text = (f"the previous launch ({last.name}, {world} rank(s) on {', '.join(sorted(set(hosts.values())))}) "
+                "ended without a verdict: its job was ended from outside (a node failure, a cancel, a time limit) "
+                f"before its supervisors could; {verdict(reports, world, hosts, states, ended)}")
+        self.say(text, True)
+        try:
+            (last / "VERDICT").write_text(text + "\n")
+        except OSError:
+            pass
+
     def _fresh(self, path: Path) -> bool:
         try:
             return path.stat().st_mtime >= self.not_before
@@ -510,10 +682,11 @@ class Supervisor:
                 "peer_lost": bool(hb["flags"] & PEER_LOST),
                 "since_s": round(now - hb["entered"], 1), "at": time.time()}
 
-    def _end(self, kind: str, hb: dict, now: float, read_fd: int, exit_text: str = "", limit: float = 0.0) -> None:
-        """Report, mark the launch as aborted, dump the stacks, end the process tree; on rank 0, name
-        the culprit from every rank's report."""
-        report = {**self._report_of(hb, now), "kind": kind, "exit": exit_text, "timeout_s": limit}
+    def _end(self, kind: str, hb: dict, now: float, read_fd: int, exit_text: str = "", limit: float = 0.0,
+             extra: dict | None = None) -> None:
+        """Report, mark the launch as aborted, dump the stacks, end the process tree; on rank 0 (or the
+        lowest rank that reported), name the culprit from every rank's report."""
+        report = {**self._report_of(hb, now), "kind": kind, "exit": exit_text, "timeout_s": limit, **(extra or {})}
         pid = self.child.pid
         tree = [(pid, "training process")] if self.child.poll() is None else []
         tree += [(p, f"child of the training process ({_proc_stat(p)[2] if _proc_stat(p) else '?'})")
@@ -551,28 +724,37 @@ class Supervisor:
             self.child.wait(timeout=30)
         except subprocess.TimeoutExpired:
             pass
-        if self.rank == 0:
-            self._verdict()
+        self._verdict()
+
+    def _lower_reported(self) -> bool:
+        """Whether a lower rank than this one reported (then the verdict is that one's to write)."""
+        return any(self._fresh(self.launch / f"report-rank-{r}.json") for r in range(self.rank))
 
     def _verdict(self) -> None:
+        """Rank 0 writes the verdict; another rank only when no lower one reported within grace_s."""
         deadline = time.monotonic() + self.cfg.grace_s
-        reports: dict[int, dict] = {}
         while True:
-            for f in self.launch.glob("report-rank-*.json"):
-                if not self._fresh(f):
-                    continue
-                try:
-                    r = json.loads(f.read_text())
-                    reports[r["rank"]] = r
-                except (OSError, ValueError, KeyError):
-                    pass
+            if self.rank and self._lower_reported():
+                return
+            reports = self._reports(self.launch)
             if len(reports) >= self.world or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
+        if self.rank and self._lower_reported():
+            return
         from pretrain.faults import EXIT_HUNG
 
-        self.say(f"{verdict(reports, self.world)}. Stacks and reports: {self.launch}. Exit {EXIT_HUNG}: start the "
-                 "same command again to resume from `latest` (the Slurm launcher requeues itself)", True)
+        hosts = {r: e.get("host", "?") for r, e in self._entries(self.launch).items()}
+        missing_hosts = [hosts.get(r, "?") for r in range(self.world) if r not in reports]
+        by = "" if self.rank == 0 else f" (written by rank {self.rank}: rank 0's supervisor did not report)"
+        text = (f"{verdict(reports, self.world, hosts, slurm_node_states(missing_hosts))}{by}. Stacks and reports: "
+                f"{self.launch}. Exit {EXIT_HUNG}: start the same command again to resume from `latest` (the Slurm "
+                "launcher requeues itself)")
+        self.say(text, True, writer=True)
+        try:
+            (self.launch / "VERDICT").write_text(text + "\n")
+        except OSError:
+            pass
 
 
 def supervise(argv: list[str], cfg, run_dir: Path) -> int:

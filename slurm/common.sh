@@ -4,7 +4,9 @@
 #
 #   RUN_DIR          run directory: checkpoints, TensorBoard, log.txt, logs/ (default outputs/runs/<experiment>)
 #   EXPERIMENT       configs/experiment member (each launcher sets its own; smoke.sbatch lets you change it)
-#   TASKS_PER_NODE   processes per node, one per GPU (default: the job's --ntasks-per-node)
+#   TASKS_PER_NODE   processes per node, one per GPU (default: the job's --ntasks-per-node, else its
+#                    --gpus-per-node, else 1; the headers leave --ntasks-per-node out: with it Slurm
+#                    gives a node range its minimum)
 #   CONTAINER_IMAGE  pyxis/enroot image: srun runs inside it (the job's plain environment when unset)
 #   CONTAINER_MOUNTS pyxis --container-mounts, e.g. /lustre:/lustre (default: the repository and RUN_DIR)
 #   PYTHON           interpreter inside the job (default: the repository's .venv/bin/python, which
@@ -15,7 +17,13 @@
 #                    stage with its own layout (exit 75 after a checkpoint) always requeues; a bad config
 #                    (2), an unstable run (3) or a failed save (4) never does
 #   WAIT_S           seconds the other ranks get after the first one exits (default 120)
-#   DRY_RUN=1        print the srun command line, the environment and the resolved config, launch nothing
+#   DRY_RUN=1        print the srun command line, the master address, the environment and the resolved
+#                    config, launch nothing (outside a job: the header's node count, the top of a range)
+#
+# A node range (sbatch --nodes=MIN-MAX) starts on as many idle nodes as the range allows, and so does
+# every requeue: after a node is lost the job comes back on the nodes left, and grows again at a later
+# requeue once nodes return. Each (re)start uses the most of its nodes that the run's layouts and global
+# batch fit (`glm-pretrain --fit-nodes`); the run resumes there with another data-parallel size.
 #
 # The run itself: glm-pretrain saves and exits 75 on SIGUSR1/SIGTERM (the header's --signal asks
 # Slurm for USR1 before the time limit) and where a stage switches to another parallel layout
@@ -50,6 +58,12 @@ _glm_header() {  # _glm_header SCRIPT OPTION DEFAULT: the value of "#SBATCH --OP
     echo "${value:-$3}"
 }
 
+_glm_count() {  # "8", "h100:8", "8(x2)" -> 8; "2-3" -> 3 (a range: its top)
+    local v=${1%%(*}
+    v=${v##*:}
+    echo "${v##*-}"
+}
+
 _glm_free_port() {  # a port free on this node (the job's first: rank 0's), below the ephemeral range
     python3 - <<'PY'
 import random, socket
@@ -75,17 +89,48 @@ glm_launch() {  # glm_launch EXPERIMENT [hydra overrides...]
     run_dir=$(realpath -m "${RUN_DIR:-outputs/runs/$experiment}")
     # inside a job: what Slurm gave it; outside (a dry run): the launcher's #SBATCH header
     local script=${BASH_SOURCE[1]:-}
-    local nodes=${SLURM_JOB_NUM_NODES:-$(_glm_header "$script" nodes 1)}
-    local per_node=${TASKS_PER_NODE:-${SLURM_NTASKS_PER_NODE:-$(_glm_header "$script" ntasks-per-node 1)}}
-    per_node=${per_node%%(*}  # Slurm writes "8(x2)" for repeated counts
+    local nodes per_node
+    nodes=$(_glm_count "${SLURM_JOB_NUM_NODES:-$(_glm_header "$script" nodes 1)}")
+    per_node=${TASKS_PER_NODE:-${SLURM_NTASKS_PER_NODE:-${SLURM_GPUS_PER_NODE:-$(_glm_header "$script" ntasks-per-node \
+        "$(_glm_header "$script" gpus-per-node 1)")}}}
+    per_node=$(_glm_count "$per_node")
     local restart=${SLURM_RESTART_COUNT:-0}
     local logs="$run_dir/logs/job-${SLURM_JOB_ID:-dry}-restart-$restart"
+    local hosts=()  # the job's nodes, in order; the first runs this script and rank 0
+    if [[ -n ${SLURM_JOB_NODELIST:-} ]] && command -v scontrol >/dev/null; then
+        mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null)
+    fi
+    local master=${hosts[0]:-}
+    if [[ -z $master && -n ${SLURM_JOB_NODELIST:-} ]]; then  # (a dry run outside Slurm: no scontrol)
+        master=$(cd "$GLM_REPO" && "${PYTHON:-python3}" -c 'import sys; from pretrain.parallel import first_host
+print(first_host(sys.argv[1]))' "$SLURM_JOB_NODELIST")
+    fi
+
+    # as many of the job's nodes as the run fits: every stage's layout, and the global batch in
+    # micro-batch x data-parallel sequences (a node range may have given a count that does not)
+    if [[ ${DRY_RUN:-0} != 1 ]]; then
+        local fit
+        fit=$(cd "$GLM_REPO" && WORLD_SIZE="" "${PYTHON:-python3}" -m pretrain "experiment=$experiment" \
+              "run.dir=$run_dir" "$@" --fit-nodes "$nodes" "$per_node") || {
+            echo "none of 1..$nodes node(s) x $per_node task(s) can run it (above): not started; submit with a" \
+                 "node count that works (exit 2)" >&2
+            return 2
+        }
+        if (( fit < nodes )); then
+            echo "using $fit of the job's $nodes nodes: ${hosts[*]:$fit} stay idle (the run's layouts and global" \
+                 "batch do not fit $nodes)"
+            nodes=$fit
+        fi
+    fi
+    local cmd=(srun --nodes="$nodes" --ntasks-per-node="$per_node")
+    if (( ${#hosts[@]} > nodes )); then
+        cmd+=(--nodelist="$(IFS=,; echo "${hosts[*]:0:$nodes}")")
+    fi
     # Every rank exits by itself when the run ends or stops early (75, with a checkpoint), within
     # seconds of each other; --kill-on-bad-exit would take exit 75 for a failure and kill the ranks
     # still closing down. A rank that dies leaves the others in a collective: they are ended
     # WAIT_S seconds after the first task exits (NCCL's own timeout is longer).
-    local cmd=(srun --nodes="$nodes" --ntasks-per-node="$per_node" --kill-on-bad-exit=0
-               --wait="${WAIT_S:-120}" --output="$logs/task-%t.log")
+    cmd+=(--kill-on-bad-exit=0 --wait="${WAIT_S:-120}" --output="$logs/task-%t.log")
     if [[ -n ${CONTAINER_IMAGE:-} ]]; then
         cmd+=(--container-image="$CONTAINER_IMAGE"
               --container-mounts="${CONTAINER_MOUNTS:-$GLM_REPO:$GLM_REPO,$(dirname "$(realpath -m "$run_dir")"):$(dirname "$(realpath -m "$run_dir")")}"
@@ -97,12 +142,17 @@ glm_launch() {  # glm_launch EXPERIMENT [hydra overrides...]
         echo "# srun command line ($nodes node(s) x $per_node task(s)):"
         printf '%q ' "${cmd[@]}"
         echo
+        echo "# master address: ${master:-the first node of the job} (rank 0's node; each task derives it from" \
+             "SLURM_STEP_NODELIST), port: picked free there at each (re)start"
         echo "# environment:"
         env | grep -E '^(CUDA_DEVICE_MAX_CONNECTIONS|TORCH_NCCL_ASYNC_ERROR_HANDLING|NCCL_DEBUG|OMP_NUM_THREADS|CONTAINER_IMAGE|CONTAINER_MOUNTS)=' | sort
         echo "# resolved config (glm-pretrain --print-config, world size $((nodes * per_node))):"
         (cd "$GLM_REPO" && WORLD_SIZE=$((nodes * per_node)) "${PYTHON:-python3}" -m pretrain \
-            "experiment=$experiment" "run.dir=$run_dir" "$@" --print-config)
-        return $?
+            "experiment=$experiment" "run.dir=$run_dir" "$@" --print-config) || return $?
+        echo "# node counts that run it:"
+        (cd "$GLM_REPO" && "${PYTHON:-python3}" -m pretrain "experiment=$experiment" "run.dir=$run_dir" "$@" \
+            --fit-nodes "$nodes" "$per_node" 2>&1 >/dev/null | sed 's/^glm-pretrain: //')
+        return 0
     fi
 
     # Each task's rank comes from Slurm (SLURM_PROCID ...): whatever a launching shell had set (a
@@ -112,7 +162,8 @@ glm_launch() {  # glm_launch EXPERIMENT [hydra overrides...]
     export MASTER_PORT
     MASTER_PORT=$(_glm_free_port)
     mkdir -p "$logs"
-    echo "job ${SLURM_JOB_ID:-?} (restart $restart) on $nodes node(s) x $per_node task(s); logs in $logs"
+    echo "job ${SLURM_JOB_ID:-?} (restart $restart) on $nodes node(s) x $per_node task(s)" \
+         "(${hosts[*]:0:$nodes}; master ${master:-?}:$MASTER_PORT); logs in $logs"
     # in the background, so that this shell can still run its traps while the step runs
     "${cmd[@]}" &
     wait $!

@@ -59,3 +59,27 @@ def world1():
 
     with single_process():
         yield
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """One real Slurm for every test that needs one (tests/slurm_cluster.py), in the xdist group
+    "slurm": three namespace nodes (p1, p2, p3) where this machine can make them, else this machine
+    as its one node (the multi-node tests then skip, or fail under CI=true)."""
+    from tests import slurm_cluster
+
+    ci = os.environ.get("CI", "").lower() == "true"
+    try:
+        cluster = slurm_cluster.start(tmp_path_factory.mktemp("slurm"), nodes=3)
+    except slurm_cluster.Unavailable as e:
+        if ci and "namespace" not in str(e):
+            pytest.fail(f"no local Slurm under CI=true: {e}")
+        try:
+            cluster = slurm_cluster.start(tmp_path_factory.mktemp("slurm1"))
+            cluster.why_not_nodes = str(e)
+        except slurm_cluster.Unavailable as e1:
+            if ci:  # CI must run them: a skip there hides a broken fixture
+                pytest.fail(f"no local Slurm under CI=true: {e1}")
+            pytest.skip(f"no local Slurm: {e1}")
+    yield cluster
+    cluster.stop()

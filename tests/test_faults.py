@@ -12,6 +12,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.faults import EXIT_HUNG, EXIT_SAVE_FAILED, EXIT_UNSTABLE, TEST_FAULTS_ENV
+from pretrain.faults import EXIT_HUNG, EXIT_RESUME, EXIT_SAVE_FAILED, EXIT_UNSTABLE, TEST_FAULTS_ENV
 from pretrain.watchdog import HEARTBEAT_ENV, descendants
 from tests.test_train import ROOT, _env, final_model, scalars
 
@@ -205,9 +206,83 @@ def test_the_verdict_never_blames_a_rank_that_died_of_its_lost_peer():
     assert verdict({0: survivor, 1: error}, 2).startswith("rank 1 died (exit 1)")
     # rank 1's node vanished with its supervisor: no report; rank 0 only lost a peer
     text = verdict({0: survivor}, 2)
-    assert text.startswith("no report from rank 1 (its node or its supervisor is gone); rank 0 lost a peer in a "
-                           "collective (exit 1) in step 5"), text
+    assert text.startswith("an unknown node, rank 1: no report (the node or its supervisor is gone); rank 0 lost a "
+                           "peer in a collective (exit 1) in step 5"), text
     assert "rank 0 died" not in text
+    # with the supervisors' entries (launch-<id>/ranks/) the missing ranks are named by node, with the
+    # node's state in Slurm; a lost rank 0 is named like any other
+    hosts = {0: "p1", 1: "p1", 2: "p3", 3: "p3", 4: "p4"}
+    lost = {r: _report(r, "died", at=100.0 + r, exit="exit 1", peer_lost=True) for r in (1, 3)}
+    text = verdict(lost, 5, hosts, {"p3": "DOWN+NOT_RESPONDING (Not responding)"})
+    assert text.startswith("node p1, rank 0; node p3, rank 2; node p4, rank 4: no report (the node or its supervisor "
+                           "is gone); Slurm has node p3 DOWN+NOT_RESPONDING (Not responding); ranks 1, 3 lost a peer"), text
+    assert verdict({0: survivor}, 4, {1: "p2", 2: "p3", 3: "p3"}).startswith("node p2, rank 1; node p3, ranks 2-3: ")
+    # a supervisor that went silent, named by the rank that watched it
+    silent = _report(0, "silent", at=100.0, silent_rank=1, silent_host="p2", silent_s=61.0)
+    text = verdict({0: silent}, 2, {0: "p1", 1: "p2"})
+    assert text.startswith("the supervisor of rank 1 on p2 stopped answering (its entry unchanged for 61 s: stopped, "
+                           "or its node gone); node p2, rank 1: no report"), text
+
+
+def _supervisor_process(run_dir: Path, rank: int) -> int:
+    """The supervisor of `rank`: a process of the run with RANK=rank and no heartbeat of its own."""
+    for pid in _processes_of(run_dir):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and not any(v.startswith(HEARTBEAT_ENV.encode() + b"=") for v in env):
+            return pid
+    raise AssertionError(f"no supervisor of rank {rank} for {run_dir}")
+
+
+def test_a_supervisor_that_stops_answering_ends_the_job_naming_it(data_root, tmp_path):
+    """SIGSTOP to rank 1's supervisor itself (not its training process) once step 3 is logged: the
+    supervisors watch each other's entries (a ring), so rank 0's ends the job within silent_s and
+    names rank 1 and its node. Before, such a run was still running 300 s later."""
+    run_dir = tmp_path / "run"
+    silent = ["faults.watchdog.alive_s=1", "faults.watchdog.silent_s=8"]
+    stopped = []
+
+    def stop_supervisor():
+        pid = _supervisor_process(run_dir, 1)
+        os.kill(pid, signal.SIGSTOP)
+        stopped.append(pid)
+
+    # steps of 1 s from step 4 on: the run outlasts silent_s (the stopped supervisor's own training
+    # process goes on without it)
+    code, out, elapsed = _hang(data_root, run_dir, *silent, at_step=3, act=stop_supervisor,
+                               faults="slow@step=4,until=27,seconds=1")
+    assert stopped and code != 0, out[-3000:]
+    log = (run_dir / "log.txt").read_text()
+    host = re.escape(socket.gethostname())
+    assert re.search(rf"the supervisor of rank 1 on {host} has not answered for \d+ s", log), log[-3000:]
+    assert re.search(rf"the supervisor of rank 1 on {host} stopped answering \(its entry unchanged for \d+ s", log), \
+        log[-3000:]
+    assert re.search(rf"node {host}, rank 1: no report", log), log[-3000:]
+    # silent_s, the reports' grace, and torchrun's own ending (it kills the stopped supervisor)
+    assert elapsed < 8 + 2 + 10 + 40, f"the job took {elapsed:.0f} s to end after the supervisor stopped"
+    assert _processes_of(run_dir) == [], "processes left behind"
+
+
+def test_a_preemption_signal_to_every_process_of_the_job_saves_after_earlier_saves(data_root, tmp_path):
+    """Slurm signals every process of a job step (`--signal=USR1@N`, `scancel --signal`), helpers
+    included: the checkpoint writers' results manager, started by the first save, once died of it,
+    and the save the signal asked for failed ("Broken pipe"). Here the signal goes to the whole
+    process group while the run waits at step 5, after the saves of steps 2 and 4."""
+    run_dir = tmp_path / "run"
+    p = _start(data_root, run_dir, "train.save_every=2", nproc=1, faults="pause@step=5")
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if "waits at the start of step 5 for a stop signal" in line:
+            os.killpg(p.pid, signal.SIGUSR1)
+            break
+    code, rest = _finish(p, timeout=120)
+    out = "".join(lines) + rest
+    assert code == EXIT_RESUME, out[-3000:]
+    assert "stopping early (SIGUSR1): saving step 5" in out
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-00000005"
 
 
 def test_a_single_process_run_that_stops_ends_with_the_watchdogs_exit_code(data_root, tmp_path):

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from tests import slurm_cluster
 from tests.test_train import TINY_STEPS, scalars
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,15 +125,10 @@ def test_failed_runs_requeue_a_bounded_number_of_times(tmp_path):
 # ---- under a real Slurm ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    try:
-        c = slurm_cluster.start(tmp_path_factory.mktemp("slurm"))
-    except slurm_cluster.Unavailable as e:
-        if os.environ.get("CI", "").lower() == "true":  # CI must run them: a skip there hides a broken fixture
-            pytest.fail(f"no local Slurm under CI=true: {e}")
-        pytest.skip(f"no local Slurm: {e}")
-    yield c
-    c.stop()
+def cluster(slurm):
+    """The session's Slurm (tests/conftest.py): these jobs run on one of its nodes."""
+    slurm.restore()
+    return slurm
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +141,7 @@ def corpus(tmp_path_factory):
 def _submit(cluster, corpus, run_dir: Path, *overrides: str, **env_extra: str) -> str:
     env = {"EXPERIMENT": "tiny", "RUN_DIR": str(run_dir), "PYTHON": sys.executable, "GLM_DATA_ROOT": str(corpus),
            "PYTHONPATH": str(ROOT), **env_extra}
-    p = cluster.run("sbatch", "--parsable", "-n", "2", "--ntasks-per-node=2", "--cpus-per-task=1",
+    p = cluster.run("sbatch", "--parsable", "-N", "1", "-n", "2", "--ntasks-per-node=2", "--cpus-per-task=1",
                     str(ROOT / "slurm" / "smoke.sbatch"), *overrides, env=env, cwd=run_dir.parent)
     return p.stdout.strip().split(";")[0]
 
