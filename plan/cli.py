@@ -44,6 +44,8 @@ examples:
   glm-plan experiment=glm45_air --gpus 32 --search      layouts that fit 32 GPUs, fastest first
   glm-plan model=glm45_air --gpus 64 --gpu-memory 141 --gpu H200
   glm-plan experiment=smoke --gpus 1 --gpu-memory 24 train.dtype=fp32
+  glm-plan experiment=glm45 --nodes 8-40               which node counts the run can go on at (a lost node,
+                                                        a node range): layout, batch, memory, step time
 
 Without an experiment the phases are sequence lengths (--seq-len, default 4096, 32768, 131072).
 Bandwidths are achievable bus bandwidths per GPU, not link peaks; MFU is that of the compute
@@ -188,11 +190,48 @@ def search(planner: Planner, hw: Hardware, phases: list[Phase], top: int) -> str
     return "\n".join(lines)
 
 
+def node_counts(planner: Planner, cfg, hw: Hardware, phases: list[Phase], low: int, high: int) -> str:
+    """For `low`..`high` nodes: whether the run can go on there (every stage's layout and the global
+    batch: pretrain/elastic.py, as the launchers decide), the most memory a GPU needs in any phase
+    (ZeRO-1 optimizer shards grow as the data-parallel size shrinks) and the step time of each phase."""
+    import dataclasses
+
+    from pretrain import elastic
+
+    lines = [f"node counts for {cfg.experiment or planner.m.name} on {hw.per_node} x {hw.name} {hw.memory_gib:g} GiB "
+             f"per node ({_g(hw.usable)} GiB usable); the same layout per stage, only data parallelism changes, "
+             f"the global batch stays {_count(planner.global_batch_tokens)} tokens",
+             f"  {'nodes':>5s} {'GPUs':>5s} {'DP':>4s} {'peak GiB':>8s}  {'fits':4s}  step s per phase "
+             f"({', '.join('/'.join(ph.names) for ph in phases)})"]
+    for n in range(low, high + 1):
+        world = n * hw.per_node
+        why = elastic.problem(cfg, world)
+        if why:
+            lines.append(f"  {n:>5d} {world:>5d}    -        -  no    {why.split(': ', 1)[-1]}")
+            continue
+        at = dataclasses.replace(hw, gpus=world)
+        peak, steps, dp = 0.0, [], set()
+        for ph in phases:
+            q = ph.parallel or cfg.parallel
+            dp.add(q.data(world))
+            states = planner.stages(q, world)
+            acts = planner.phase(q, world, states, ph.seq_len)
+            rc = ph.recompute or planner.least_fitting(states, acts, at) or "full"
+            peak = max(peak, max(st.total(a, rc) for st, a in zip(states, acts)))
+            steps.append(planner.step_estimate(q, world, ph.seq_len, rc, at, states)["total"])
+        lines.append(f"  {n:>5d} {world:>5d} {'/'.join(map(str, sorted(dp))):>4s} {_g(peak):>8s}  "
+                     f"{'yes' if peak <= hw.usable else 'NO':4s}  {' / '.join(f'{t:.3g}' for t in steps)}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="glm-plan", description=__doc__, epilog=HELP_EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides: model=..., experiment=..., parallel.X=...")
-    parser.add_argument("--gpus", type=int, required=True, help="GPUs in the job (the world size)")
+    parser.add_argument("--gpus", type=int, help="GPUs in the job (the world size)")
+    parser.add_argument("--nodes", metavar="MIN-MAX",
+                        help="instead of --gpus: for each node count in the range (of --gpus-per-node GPUs), "
+                             "whether the run can go on there and at what memory and step time")
     parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
     parser.add_argument("--gpu", default="H100", help="GPU kind, for its bf16 peak FLOP/s (default H100)")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="default 8")
@@ -211,6 +250,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from pretrain.config import compose
 
+    node_range = None
+    if args.nodes:
+        try:
+            low, _, high = args.nodes.partition("-")
+            node_range = (int(low), int(high or low))
+            if not 1 <= node_range[0] <= node_range[1]:
+                raise ValueError
+        except ValueError:
+            print(f"glm-plan: --nodes={args.nodes}: give MIN-MAX (or N), 1 <= MIN <= MAX", file=sys.stderr)
+            return 2
+        args.gpus = node_range[1] * args.gpus_per_node
+    elif args.gpus is None:
+        parser.error("give --gpus (the world size) or --nodes MIN-MAX")
     hw = Hardware(args.gpus, args.gpu_memory, args.gpus_per_node, args.gpu, args.mfu, args.nvlink_gbs,
                   args.ib_gbs, args.reserve)
     try:
@@ -222,8 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         hw.peak  # noqa: B018 (validates --gpu)
         cfg = compose(args.overrides, config_dir=args.config_dir)
         layout_given = any(o.startswith(("parallel", "+parallel")) for o in args.overrides)
-        searching = args.search or (not layout_given and cfg.parallel == ParallelConfig() and args.gpus > 1)
-        if not searching:
+        searching = not node_range and (args.search or (not layout_given and cfg.parallel == ParallelConfig()
+                                                         and args.gpus > 1))
+        if not searching and not node_range:
             pipeline.check_layout(cfg.model, cfg.parallel, args.gpus, cfg.sources.get("parallel", "parallel"))
         dtype = torch.float32 if cfg.train.dtype == "fp32" else torch.bfloat16
         planner = Planner(cfg.model, dtype, cfg.train.micro_batch_size, cfg.train.global_batch_tokens,
@@ -232,7 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"glm-plan: {e}", file=sys.stderr)
         return 2
-    print(search(planner, hw, phases, args.top) if searching else report(planner, cfg.parallel, hw, phases))
+    if node_range:
+        print(node_counts(planner, cfg, hw, phases, *node_range))
+    else:
+        print(search(planner, hw, phases, args.top) if searching else report(planner, cfg.parallel, hw, phases))
     return 0
 
 

@@ -152,6 +152,33 @@ def test_layout_change_repeats_nothing(root):
     assert len(excluded) <= 2 * 2  # each old reader started at most the shards of one window
 
 
+def test_a_size_change_delivers_nothing_twice_and_counts_what_it_drops(root):
+    """data.record: 3 readers, then resumed as 2 (a lost node). Over the first epoch, what the old and
+    the new readers delivered (the record) holds no stored sample twice, and with what the re-deal
+    counted as dropped (the rest of each old reader's started shards) it is every sample of the epoch."""
+    cfg = config(root[0], {"a": 1.0}, seq_length=64, num_workers=0, shuffle_window=4, record=True)
+    old = [TokenLoader(cfg, 2, rank=r, n_ranks=3) for r in range(3)]
+    for loader in old:
+        loader.take(4)
+    assert old[0].redealt is None
+    delivered = [r for loader in old for r in loader.delivered]
+    new = [TokenLoader(cfg, 2, rank=r, n_ranks=2, states=[lo.state_dict() for lo in old]) for r in range(2)]
+    assert new[0].redealt == new[1].redealt and new[0].redealt["from_readers"] == 3
+    for loader in new:
+        batches = iter(loader)
+        for _ in range(2000):  # until this reader is into the next epoch
+            if any(r[0] > 0 for r in loader.delivered):
+                break
+            next(batches)
+        else:
+            raise AssertionError("a new reader never finished the first epoch")
+        delivered += loader.delivered
+    first_epoch = [r[1:] for r in delivered if r[0] == 0]
+    assert len(first_epoch) == len(set(first_epoch)), "a stored sample was delivered twice"
+    dropped = new[0].redealt["dropped_samples"]
+    assert 0 < dropped and len(first_epoch) + dropped == sum(new[0].datasets[0].samples)
+
+
 def test_stage_change_continues_each_source(root):
     """A new stage (other length and packing, one new source) picks each kept source up where it was."""
     stage1 = config(root[0], {"a": 1.0}, seq_length=128, num_workers=0, shuffle_window=4)

@@ -280,3 +280,18 @@ def test_cli_refuses_a_bad_layout_and_ranks_layouts(capsys):
     assert rows and all(r[-1] == "DP" + str(4 // (int(r[0][2:]) * int(r[1][2:]))) for r in rows), out
     steps = [float(line.split()[6]) for line in out.splitlines()[2:] if line.startswith("  TP")]
     assert steps == sorted(steps)
+
+
+def test_cli_lists_the_node_counts_a_run_can_go_on_at(capsys):
+    """--nodes MIN-MAX: a row per node count, refused as the launchers refuse it (the layout of every
+    stage, the global batch; pretrain/elastic.py), else the memory and step time there: fewer
+    data-parallel replicas hold bigger ZeRO-1 optimizer shards and take longer per step."""
+    from plan import cli as plan
+
+    assert plan.main(["experiment=glm45_air", "--nodes", "3-8"]) == 0
+    rows = {int(line.split()[0]): line.split() for line in capsys.readouterr().out.splitlines()[2:]}
+    assert sorted(rows) == [3, 4, 5, 6, 7, 8]
+    assert [n for n, r in rows.items() if r[4] == "yes"] == [4, 8]
+    assert " ".join(rows[5][4:]) == "no world size 40 is not divisible by expert*expert_tensor*pipeline=32"
+    assert float(rows[4][3]) > float(rows[8][3]) and float(rows[4][5]) > float(rows[8][5])
+    assert plan.main(["experiment=glm45_air", "--nodes", "3-x"]) == 2 and "--nodes=3-x" in capsys.readouterr().err

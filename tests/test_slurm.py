@@ -56,6 +56,44 @@ def test_dry_run_prints_the_launch_without_slurm(tmp_path):
     assert p.returncode == 2 and "parallel.expert=7 does not divide model.num_experts=128" in p.stderr
 
 
+def test_multi_node_dry_runs_print_the_srun_line_the_master_and_the_node_counts(tmp_path):
+    """Each launcher under DRY_RUN=1 inside a multi-node allocation (Slurm's variables, no Slurm
+    command on PATH): the srun line over the allocation's nodes, the address its tasks rendezvous at
+    (the first node), and which node counts the run fits. A header's node range is read as its top,
+    and the headers name no --ntasks-per-node (with it Slurm gives a range its minimum)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "sed", "dirname", "realpath", "env", "grep", "sort", "head", "cat", "mkdir"):
+        os.symlink(shutil.which(tool), bin_dir / tool)
+    base = _plain_env(DRY_RUN="1", PATH=str(bin_dir), PYTHON=sys.executable, RUN_DIR=str(tmp_path / "run"))
+    cases = [("glm45.sbatch", {"SLURM_JOB_NODELIST": "gpu[003-018]", "SLURM_JOB_NUM_NODES": "16"},
+              "srun --nodes=16 --ntasks-per-node=8", "gpu003", "world size 128"),
+             ("glm45_air.sbatch", {"SLURM_JOB_NODELIST": "dgx-a[7,9-11]", "SLURM_JOB_NUM_NODES": "4",
+                                   "SLURM_GPUS_PER_NODE": "h100:8"},
+              "srun --nodes=4 --ntasks-per-node=8", "dgx-a7", "world size 32"),
+             ("smoke.sbatch", {"SLURM_JOB_NODELIST": "p[1-3]", "SLURM_JOB_NUM_NODES": "3", "EXPERIMENT": "tiny"},
+              "srun --nodes=3 --ntasks-per-node=1", "p1", "world size 3")]
+    for script, env, srun, master, world in cases:
+        assert "--ntasks-per-node" not in "".join(
+            ln for ln in (ROOT / "slurm" / script).read_text().splitlines(True) if ln.startswith("#SBATCH"))
+        p = subprocess.run(["bash", f"slurm/{script}"], cwd=ROOT, env={**base, **env}, capture_output=True, text=True,
+                           timeout=120)
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert srun in p.stdout and f"# master address: {master} " in p.stdout and world in p.stdout, p.stdout
+    # the tiny experiment's batch (4 and 8 sequences of 2) does not divide over 3 replicas
+    assert "that run it: 1, 2; 3: " in p.stdout and "not a multiple of train.micro_batch_size=2 x 3" in p.stdout
+
+    # a node range in the header: the dry run shows the top of it, and the counts that work in it
+    ranged = tmp_path / "glm45_air.sbatch"
+    ranged.write_text((ROOT / "slurm" / "glm45_air.sbatch").read_text().replace("#SBATCH --nodes=4", "#SBATCH --nodes=4-8"))
+    p = subprocess.run(["bash", str(ranged)], cwd=ROOT, env={**base, "GLM_REPO": str(ROOT)}, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0 and "srun --nodes=8 --ntasks-per-node=8" in p.stdout and "world size 64" in p.stdout, \
+        p.stdout + p.stderr
+    assert "# master address: the first node of the job" in p.stdout
+    assert "node counts up to 8 (x 8 process(es)) that run it: 4, 8" in p.stdout
+
+
 @pytest.mark.skipif(sys.prefix == sys.base_prefix, reason="needs the tests to run in a virtual environment")
 def test_dry_run_as_the_readme_gives_it_uses_the_repositorys_venv(tmp_path):
     """`DRY_RUN=1 bash slurm/glm45.sbatch` with no PYTHON set: the interpreter is the repository's
