@@ -404,6 +404,9 @@ def verdict(reports: dict[int, dict], world: int, hosts: dict[int, str] | None =
     stopped = [r for r in reports.values() if r.get("stopped")]
     lost = [r for r in reports.values() if r["kind"] == "died" and r.get("peer_lost")]
     parts = []
+    for host, state in sorted((node_states or {}).items()):  # what the scheduler knows comes first
+        on = [r for r, h in hosts.items() if h == host]
+        parts.append(f"Slurm has node {host} {state}" + (f": rank{'s' if len(on) > 1 else ''} {_ranges(on)}" if on else ""))
     for r in reports.values():
         if r["kind"] == "silent" and r.get("silent_rank") in missing:
             parts.append(f"the supervisor of rank {r['silent_rank']} on {r.get('silent_host', '?')} stopped answering "
@@ -414,8 +417,6 @@ def verdict(reports: dict[int, dict], world: int, hosts: dict[int, str] | None =
     if missing:
         parts.append(f"{_by_node(missing[:64], hosts)}{' ...' if len(missing) > 64 else ''}: no report "
                      "(the node or its supervisor is gone)")
-    for host, state in sorted((node_states or {}).items()):
-        parts.append(f"Slurm has node {host} {state}")
     for code in sorted(set(ended.values())):
         rs = [r for r, c in ended.items() if c == code]
         parts.append(f"rank{'s' if len(rs) > 1 else ''} {_ranges(rs)} ended by {'themselves' if len(rs) > 1 else 'itself'} "
@@ -452,6 +453,7 @@ class Supervisor:
         # the next rank's entry: its last change (mtime) and when this supervisor saw it change
         self.watched = (self.rank + 1) % self.world if self.world > 1 else None
         self._watched_seen: tuple[float, float] | None = None
+        self.registered = False
         self.longest = load_longest(self.run_dir)
         self.saved_longest = dict(self.longest)
         self.child: subprocess.Popen | None = None
@@ -464,7 +466,7 @@ class Supervisor:
         """To the console; `everywhere`: to log.txt too, from rank 0 (or from `writer`, the verdict's)."""
         stamp = time.strftime("%H:%M:%S")
         if self.rank == 0 or writer:
-            line = f"{stamp} watchdog: {text}"
+            line = f"{stamp} {'' if self.rank == 0 else f'[rank {self.rank}] '}watchdog: {text}"
             print(line, flush=True)
             if everywhere:
                 try:
@@ -485,9 +487,7 @@ class Supervisor:
         forwarded = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
         code = None
         try:
-            if self.rank == 0:
-                self._review_previous()
-            self._write_entry({})
+            self._register()
             self.child = subprocess.Popen([sys.executable, "-m", "pretrain", *self.argv], env=env,
                                           pass_fds=(write_fd,))
             os.close(write_fd)
@@ -500,7 +500,8 @@ class Supervisor:
                 _kill_tree(self.child.pid)
             raise
         finally:  # (the signal handlers stay: a launcher's SIGTERM now must not cut this exit short)
-            self._write_entry({"ended": code if code is not None else "error"})
+            if self.registered:
+                self._write_entry({"ended": code if code is not None else "error"})
             heartbeat.close()
             hb_path.unlink(missing_ok=True)
             os.close(read_fd)
@@ -558,6 +559,8 @@ class Supervisor:
                     return EXIT_HUNG
             if now >= next_alive:
                 next_alive = now + cfg.alive_s
+                if not self.registered:
+                    self._register()
                 try:
                     os.utime(self.entry)
                 except OSError:
@@ -586,6 +589,16 @@ class Supervisor:
             self.saved_longest = dict(self.longest)
         except OSError:
             pass  # a full disk: the timeouts stay calibrated in memory
+
+    def _register(self) -> None:
+        """This supervisor's entry, once the run directory exists (a bad config, refused before the
+        training process creates it, leaves nothing behind); rank 0 first looks at the launch before."""
+        if self.registered or not self.run_dir.is_dir():
+            return
+        self.registered = True
+        if self.rank == 0:
+            self._review_previous()
+        self._write_entry({})
 
     def _write_entry(self, extra: dict) -> None:
         try:
@@ -659,8 +672,7 @@ class Supervisor:
         reports = self._reports(last, fresh_only=False)
         hosts = {r: e.get("host", "?") for r, e in entries.items()}
         ended = {r: f"exit {e['ended']}" for r, e in entries.items() if "ended" in e and r not in reports}
-        missing = [r for r in range(world) if r not in reports and r not in ended]
-        states = slurm_node_states(hosts[r] for r in missing if r in hosts)
+        states = slurm_node_states(hosts.values())
         text = (f"the previous launch ({last.name}, {world} rank(s) on {', '.join(sorted(set(hosts.values())))}) "
                 "ended without a verdict: its job was ended from outside (a node failure, a cancel, a time limit) "
                 f"before its supervisors could; {verdict(reports, world, hosts, states, ended)}")
@@ -745,9 +757,8 @@ class Supervisor:
         from pretrain.faults import EXIT_HUNG
 
         hosts = {r: e.get("host", "?") for r, e in self._entries(self.launch).items()}
-        missing_hosts = [hosts.get(r, "?") for r in range(self.world) if r not in reports]
         by = "" if self.rank == 0 else f" (written by rank {self.rank}: rank 0's supervisor did not report)"
-        text = (f"{verdict(reports, self.world, hosts, slurm_node_states(missing_hosts))}{by}. Stacks and reports: "
+        text = (f"{verdict(reports, self.world, hosts, slurm_node_states(hosts.values()))}{by}. Stacks and reports: "
                 f"{self.launch}. Exit {EXIT_HUNG}: start the same command again to resume from `latest` (the Slurm "
                 "launcher requeues itself)")
         self.say(text, True, writer=True)

@@ -267,6 +267,8 @@ def start(tmp: Path, nodes: int = 0) -> Cluster:
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core", "JobRequeue=1",
             "ReturnToService=2", "MpiDefault=none", "JobAcctGatherType=jobacct_gather/none",
+            # a job step that does not end on SIGTERM is killed 5 s later (30 s by default)
+            "KillWait=5",
             f"StateSaveLocation={tmp / 'state'}", f"SlurmctldPidFile={tmp / 'slurmctld.pid'}",
             f"SlurmctldLogFile={tmp / 'slurmctld.log'}"]
         if nodes:

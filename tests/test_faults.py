@@ -41,16 +41,16 @@ def data_root(tmp_path_factory) -> Path:
     return tiny_corpus(tmp_path_factory.mktemp("data"))
 
 
-def _command(run_dir: Path, *overrides: str, nproc: int) -> list[str]:
+def _command(run_dir: Path, *overrides: str, nproc: int, monitor_s: float = 0) -> list[str]:
     launch = [sys.executable, "-m", "pretrain"] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone",
-         "-m", "pretrain"]
+         *([f"--monitor-interval={monitor_s}"] if monitor_s else []), "-m", "pretrain"]
     return [*launch, "experiment=tiny", f"run.dir={run_dir}", *overrides]
 
 
-def _start(data_root, run_dir, *overrides, nproc=2, faults="") -> subprocess.Popen:
+def _start(data_root, run_dir, *overrides, nproc=2, faults="", monitor_s=0) -> subprocess.Popen:
     env = {**_env(data_root), TEST_FAULTS_ENV: faults}
-    return subprocess.Popen(_command(run_dir, *overrides, nproc=nproc), env=env, cwd=ROOT, stdout=subprocess.PIPE,
+    return subprocess.Popen(_command(run_dir, *overrides, nproc=nproc, monitor_s=monitor_s), env=env, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -96,10 +96,11 @@ def _training_process(run_dir: Path, rank: int) -> int:
     raise AssertionError(f"no training process of rank {rank} for {run_dir}")
 
 
-def _hang(data_root, run_dir, *overrides, at_step: int, act, nproc=2, faults="") -> tuple[int, str, float]:
+def _hang(data_root, run_dir, *overrides, at_step: int, act, nproc=2, faults="", monitor_s=0) -> tuple[int, str, float]:
     """Start a run, call `act()` once step `at_step` is logged; returns (exit code, output, seconds from
     the act to the end of the whole job)."""
-    p = _start(data_root, run_dir, "train.max_steps=27", *WATCH, *overrides, nproc=nproc, faults=faults)
+    p = _start(data_root, run_dir, "train.max_steps=27", *WATCH, *overrides, nproc=nproc, faults=faults,
+               monitor_s=monitor_s)
     lines, acted = [], None
     for line in p.stdout:
         lines.append(line)
@@ -214,8 +215,9 @@ def test_the_verdict_never_blames_a_rank_that_died_of_its_lost_peer():
     hosts = {0: "p1", 1: "p1", 2: "p3", 3: "p3", 4: "p4"}
     lost = {r: _report(r, "died", at=100.0 + r, exit="exit 1", peer_lost=True) for r in (1, 3)}
     text = verdict(lost, 5, hosts, {"p3": "DOWN+NOT_RESPONDING (Not responding)"})
-    assert text.startswith("node p1, rank 0; node p3, rank 2; node p4, rank 4: no report (the node or its supervisor "
-                           "is gone); Slurm has node p3 DOWN+NOT_RESPONDING (Not responding); ranks 1, 3 lost a peer"), text
+    assert text.startswith("Slurm has node p3 DOWN+NOT_RESPONDING (Not responding): ranks 2-3; node p1, rank 0; node "
+                           "p3, rank 2; node p4, rank 4: no report (the node or its supervisor is gone); ranks 1, 3 lost "
+                           "a peer"), text
     assert verdict({0: survivor}, 4, {1: "p2", 2: "p3", 3: "p3"}).startswith("node p2, rank 1; node p3, ranks 2-3: ")
     # a supervisor that went silent, named by the rank that watched it
     silent = _report(0, "silent", at=100.0, silent_rank=1, silent_host="p2", silent_s=61.0)
@@ -241,7 +243,7 @@ def test_a_supervisor_that_stops_answering_ends_the_job_naming_it(data_root, tmp
     supervisors watch each other's entries (a ring), so rank 0's ends the job within silent_s and
     names rank 1 and its node. Before, such a run was still running 300 s later."""
     run_dir = tmp_path / "run"
-    silent = ["faults.watchdog.alive_s=1", "faults.watchdog.silent_s=8"]
+    silent = ["faults.watchdog.alive_s=1", "faults.watchdog.silent_s=8", "faults.watchdog.grace_s=4"]
     stopped = []
 
     def stop_supervisor():
@@ -261,7 +263,48 @@ def test_a_supervisor_that_stops_answering_ends_the_job_naming_it(data_root, tmp
         log[-3000:]
     assert re.search(rf"node {host}, rank 1: no report", log), log[-3000:]
     # silent_s, the reports' grace, and torchrun's own ending (it kills the stopped supervisor)
-    assert elapsed < 8 + 2 + 10 + 40, f"the job took {elapsed:.0f} s to end after the supervisor stopped"
+    assert elapsed < 8 + 2 + 4 + 40, f"the job took {elapsed:.0f} s to end after the supervisor stopped"
+    assert _processes_of(run_dir) == [], "processes left behind"
+
+
+def test_with_rank_0_lost_the_lowest_rank_that_reported_writes_the_verdict(data_root, tmp_path):
+    """Rank 0's supervisor and training process killed together at step 3 (its node lost: nobody of it
+    writes anything): ranks 1 and 2 lose their peer, and rank 1, the lowest rank that reported, writes
+    the verdict into log.txt naming rank 0 and its node. Three ranks started as srun starts them, each
+    on its own (torchrun would end the others as soon as it sees rank 0 gone, at a time of its own)."""
+    from tests.spawn import free_port
+
+    run_dir = tmp_path / "run"
+    env = {**_env(data_root), TEST_FAULTS_ENV: "slow@step=4,until=27,seconds=0.5", "WORLD_SIZE": "3",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    cmd = _command(run_dir, "train.max_steps=27", *WATCH, nproc=1)
+    ranks = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE if r == 0 else subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                              start_new_session=True) for r in range(3)]
+    try:
+        for line in ranks[0].stdout:
+            if "step      3 " in line:
+                break
+        for pid in (_supervisor_process(run_dir, 0), _training_process(run_dir, 0)):
+            os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        codes = [p.wait(timeout=BOUND_S * 3) for p in ranks[1:]]
+        elapsed = time.monotonic() - killed
+    finally:
+        for p in ranks:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert all(c != 0 for c in codes), codes
+    log = (run_dir / "log.txt").read_text()
+    host = re.escape(socket.gethostname())
+    # (rank 2 either lost its peer too, or saw the abort mark first: both are right)
+    assert re.search(rf"\[rank 1\] watchdog: node {host}, rank 0: no report \(the node or its supervisor is gone\); "
+                     r"ranks? 1(, 2)? lost a peer in a collective \(exit 1\).* \(written by rank 1: rank 0's supervisor "
+                     r"did not report\)", log), log[-3000:]
+    assert log.count("lost a peer in a collective") == 1  # rank 2 left it to rank 1
+    assert elapsed < BOUND_S, f"the ranks left took {elapsed:.0f} s to end"
     assert _processes_of(run_dir) == [], "processes left behind"
 
 
