@@ -23,7 +23,8 @@
 # A node range (sbatch --nodes=MIN-MAX) starts on as many idle nodes as the range allows, and so does
 # every requeue: after a node is lost the job comes back on the nodes left, and grows again at a later
 # requeue once nodes return. Each (re)start uses the most of its nodes that the run's layouts and global
-# batch fit (`glm-pretrain --fit-nodes`); the run resumes there with another data-parallel size.
+# batch fit (`glm-pretrain --fit-nodes`), gives the others back to Slurm, and the run resumes there with
+# another data-parallel size.
 #
 # The run itself: glm-pretrain saves and exits 75 on SIGUSR1/SIGTERM (the header's --signal asks
 # Slurm for USR1 before the time limit) and where a stage switches to another parallel layout
@@ -117,8 +118,18 @@ print(first_host(sys.argv[1]))' "$SLURM_JOB_NODELIST")
             return 2
         }
         if (( fit < nodes )); then
-            echo "using $fit of the job's $nodes nodes: ${hosts[*]:$fit} stay idle (the run's layouts and global" \
-                 "batch do not fit $nodes)"
+            # give the rest back to Slurm (a later requeue asks for the job's whole range again);
+            # scontrol writes the job's new variables into slurm_job_<id>_resize.sh where it runs
+            mkdir -p "$logs"
+            if [[ -n ${SLURM_JOB_ID:-} ]] && (cd "$logs" && scontrol update JobId="$SLURM_JOB_ID" NumNodes="$fit") \
+                    >/dev/null 2>&1 && [[ -f $logs/slurm_job_${SLURM_JOB_ID}_resize.sh ]]; then
+                source "$logs/slurm_job_${SLURM_JOB_ID}_resize.sh"
+                echo "using $fit of the job's $nodes nodes, gave ${hosts[*]:$fit} back to Slurm: the run's layouts" \
+                     "and global batch do not fit $nodes"
+            else
+                echo "using $fit of the job's $nodes nodes, ${hosts[*]:$fit} stay idle: the run's layouts and global" \
+                     "batch do not fit $nodes"
+            fi
             nodes=$fit
         fi
     fi

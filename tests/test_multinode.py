@@ -48,11 +48,11 @@ def corpus(tmp_path_factory):
     return tiny_corpus(tmp_path_factory.mktemp("data"))
 
 
-def _submit(cluster, corpus, run_dir: Path, *overrides: str, sbatch=("--nodes=2-3",), **env) -> str:
+def _submit(cluster, corpus, run_dir: Path, *overrides: str, sbatch=("--nodes=2-3",), batch=ELASTIC, **env) -> str:
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     env = {"EXPERIMENT": "tiny", "RUN_DIR": str(run_dir), "PYTHON": sys.executable, "GLM_DATA_ROOT": str(corpus),
            "PYTHONPATH": str(ROOT), "TASKS_PER_NODE": "1", **env}
-    p = cluster.run("sbatch", "--parsable", *sbatch, str(ROOT / "slurm" / "smoke.sbatch"), *ELASTIC, *overrides,
+    p = cluster.run("sbatch", "--parsable", *sbatch, str(ROOT / "slurm" / "smoke.sbatch"), *batch, *overrides,
                     env=env, cwd=run_dir.parent)
     return p.stdout.strip().split(";")[0]
 
@@ -103,15 +103,21 @@ def _run_processes_on(cluster, node: str, run_dir: Path) -> list[int]:
 
 
 def test_two_nodes_train_as_two_tasks_on_one_node(nodes, corpus, tmp_path):
-    """2 nodes x 1 task and 1 node x 2 tasks, side by side: the same losses at every step, bit for bit;
-    the tasks of the first rendezvous at the first node's address, each node runs one."""
-    multi = _submit(nodes, corpus, tmp_path / "multi" / "run", sbatch=("--nodes=2",))
-    single = _submit(nodes, corpus, tmp_path / "single" / "run", sbatch=("--nodes=1", "-n", "2",
-                                                                        "--ntasks-per-node=2", "--cpus-per-task=1"))
+    """A job given 3 nodes for a run whose global batch of 8 sequences cannot be split over 3 replicas
+    of micro-batch 2: the launcher uses 2 of them and gives the third back to Slurm, where a 1-node job
+    of 2 tasks then runs. The two give the same losses at every step, bit for bit; the 2-node job's
+    tasks rendezvous at its first node's address, each node runs one."""
+    batch = ["train.global_batch_tokens=512", "train.batch_start_tokens=512"]
+    multi = _submit(nodes, corpus, tmp_path / "multi" / "run", sbatch=("--nodes=3",), batch=batch)
+    single = _submit(nodes, corpus, tmp_path / "single" / "run", batch=batch,
+                     sbatch=("--nodes=1", "-n", "2", "--ntasks-per-node=2", "--cpus-per-task=1"))
     for job, run_dir in ((multi, tmp_path / "multi" / "run"), (single, tmp_path / "single" / "run")):
         info = nodes.wait_for(job, DONE, timeout=300)
         assert info["JobState"] == "COMPLETED", _output(run_dir, job)
     out = (tmp_path / "multi" / f"glm-smoke-{multi}.out").read_text()
+    assert "node counts up to 3 (x 1 process(es)) that run it: 1, 2; 3: " in out, out
+    m = re.search(r"using 2 of the job's 3 nodes, gave (p\d) back to Slurm", out)
+    assert m, out
     m = re.search(r"on 2 node\(s\) x 1 task\(s\) \((p\d) (p\d); master (p\d):\d+\)", out)
     assert m and m[1] != m[2] and m[3] == m[1], out
     hosts = _hosts(tmp_path / "multi" / "run", 0)
@@ -119,7 +125,7 @@ def test_two_nodes_train_as_two_tasks_on_one_node(nodes, corpus, tmp_path):
     logs = sorted((tmp_path / "multi" / "run" / "logs" / f"job-{multi}-restart-0").glob("task-*.log"))
     assert [p.name for p in logs] == ["task-0.log", "task-1.log"]
     want, got = scalars(tmp_path / "single" / "run"), scalars(tmp_path / "multi" / "run")
-    assert len(got["lm loss"]) == STEPS and got["lm loss"] == want["lm loss"]
+    assert len(got["lm loss"]) == STEPS * 3 // 2 and got["lm loss"] == want["lm loss"]
     assert got["params-norm"] == want["params-norm"]
 
 
