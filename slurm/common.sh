@@ -110,13 +110,19 @@ print(first_host(sys.argv[1]))' "$SLURM_JOB_NODELIST")
     # as many of the job's nodes as the run fits: every stage's layout, and the global batch in
     # micro-batch x data-parallel sequences (a node range may have given a count that does not)
     if [[ ${DRY_RUN:-0} != 1 ]]; then
-        local fit
+        local fit asked
         fit=$(cd "$GLM_REPO" && WORLD_SIZE="" "${PYTHON:-python3}" -m pretrain "experiment=$experiment" \
-              "run.dir=$run_dir" "$@" --fit-nodes "$nodes" "$per_node") || {
+              "run.dir=$run_dir" "$@" --fit-nodes "$nodes" "$per_node")
+        asked=$?
+        if (( asked == 2 )); then
             echo "none of 1..$nodes node(s) x $per_node task(s) can run it (above): not started; submit with a" \
                  "node count that works (exit 2)" >&2
             return 2
-        }
+        elif (( asked != 0 )) || [[ ! $fit =~ ^[0-9]+$ ]]; then  # e.g. a container's packages, absent out here
+            echo "could not ask \`glm-pretrain --fit-nodes\` on this node (exit $asked; PYTHON=${PYTHON:-python3}):" \
+                 "using all $nodes node(s); the run checks its world size itself" >&2
+            fit=$nodes
+        fi
         if (( fit < nodes )); then
             # give the rest back to Slurm (a later requeue asks for the job's whole range again);
             # scontrol writes the job's new variables into slurm_job_<id>_resize.sh where it runs

@@ -130,10 +130,10 @@ def test_failed_runs_requeue_a_bounded_number_of_times(tmp_path):
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "checkpoints" / "latest").write_text("step-00000005\n")
 
-    def job(code: int) -> subprocess.CompletedProcess:
+    def job(code: int, **extra) -> subprocess.CompletedProcess:
         env = _plain_env(PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_EXIT=str(code), RUN_DIR=str(run_dir),
                          SLURM_JOB_ID="42", SLURM_JOB_NUM_NODES="1", SLURM_NTASKS_PER_NODE="2", MAX_FAILURES="2",
-                         GLM_REPO=str(ROOT))
+                         GLM_REPO=str(ROOT), **extra)
         return subprocess.run(["bash", "slurm/smoke.sbatch"], cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=60)
 
@@ -158,6 +158,12 @@ def test_failed_runs_requeue_a_bounded_number_of_times(tmp_path):
     hung = [job(76) for _ in range(3)]
     assert [h.returncode for h in hung] == [0, 0, 76] and requeues() == 6
     assert "the watchdog ended the run (exit 76)" in hung[0].stderr and "giving up" in hung[2].stderr
+    # an interpreter out here that cannot compose the config (a container's packages): the job asks
+    # no node counts and runs on all its nodes
+    (bin_dir / "nopython").write_text("#!/bin/bash\nexit 1\n")
+    (bin_dir / "nopython").chmod(0o755)
+    p = job(75, PYTHON=str(bin_dir / "nopython"))
+    assert p.returncode == 0 and requeues() == 7 and "could not ask `glm-pretrain --fit-nodes`" in p.stderr, p.stderr
 
 
 # ---- under a real Slurm ------------------------------------------------------------------------
