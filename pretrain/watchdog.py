@@ -661,10 +661,12 @@ class Supervisor:
         """The launch before this one, when it ended with neither a verdict nor a clean end (its
         job was ended from outside first: a node failure, a cancel): its verdict, from what it left."""
         launches = [d for d in (self.run_dir / "watchdog").glob("launch-*") if d != self.launch
-                    and (d / "ranks").is_dir() and not (d / "VERDICT").exists()]
+                    and (d / "ranks").is_dir()]
         if not launches:
             return
-        last = max(launches, key=lambda d: (d / "ranks").stat().st_mtime)
+        last = max(launches, key=lambda d: (d / "ranks").stat().st_mtime)  # only the one just before this
+        if (last / "VERDICT").exists():
+            return
         entries = self._entries(last)
         if not entries or all("ended" in e for e in entries.values()):
             return
