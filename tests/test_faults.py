@@ -226,6 +226,48 @@ def test_the_verdict_never_blames_a_rank_that_died_of_its_lost_peer():
                            "or its node gone); node p2, rank 1: no report"), text
 
 
+def test_the_next_launch_gives_the_verdict_of_one_ended_from_outside(tmp_path, monkeypatch):
+    """Slurm ended the last launch before its supervisors could say anything (a node failure): rank 0's
+    supervisor of the next launch writes its verdict from the entries and reports it left, naming the
+    ranks without a report by node and those that ended by themselves; only the launch just before
+    (an older one left without a verdict is not it), and never one that ended cleanly."""
+    from pretrain.config import WatchdogConfig
+    from pretrain.watchdog import Supervisor
+
+    run_dir = tmp_path / "run"
+
+    def launch(name: str, entries: dict, reports=()) -> Path:
+        d = run_dir / "watchdog" / name
+        (d / "ranks").mkdir(parents=True)
+        for r, e in entries.items():
+            (d / "ranks" / f"rank-{r}").write_text(json.dumps({"rank": r, "restart": 0, **e}))
+        for rep in reports:
+            (d / f"report-rank-{rep['rank']}.json").write_text(json.dumps(rep))
+        return d
+
+    older = launch("launch-old", {0: {"host": "p1"}})  # never reviewed, long ago
+    time.sleep(0.05)
+    last = launch("launch-last", {0: {"host": "p1", "ended": 4}, 1: {"host": "p2"}, 2: {"host": "p3"},
+                                  3: {"host": "p3"}},
+                  [_report(1, "died", at=1.0, exit="exit 1", peer_lost=True) | {"host": "p2"}])
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)  # (no Slurm to ask about the nodes)
+    Supervisor([], WatchdogConfig(), run_dir)._register()
+    text = (last / "VERDICT").read_text()
+    assert text.startswith("the previous launch (launch-last, 4 rank(s) on p1, p2, p3) ended without a verdict: its "
+                           "job was ended from outside"), text
+    assert "node p3, ranks 2-3: no report" in text and "rank 0 ended by itself (exit 4)" in text
+    assert "rank 1 lost a peer in a collective" in text
+    assert not (older / "VERDICT").exists()
+    Supervisor([], WatchdogConfig(), run_dir)._register()  # once reviewed, the last launch is done with
+    assert not (older / "VERDICT").exists()
+    # a launch whose every supervisor ended by itself needs none
+    clean = launch("launch-clean", {0: {"host": "p1", "ended": 0}, 1: {"host": "p2", "ended": 0}})
+    Supervisor([], WatchdogConfig(), run_dir)._register()
+    assert not (clean / "VERDICT").exists() and not (older / "VERDICT").exists()
+
+
 def _supervisor_process(run_dir: Path, rank: int) -> int:
     """The supervisor of `rank`: a process of the run with RANK=rank and no heartbeat of its own."""
     for pid in _processes_of(run_dir):
