@@ -1,5 +1,6 @@
-"""The sbatch launchers: a dry run without Slurm, the failure bound, and two jobs under a real
-single-node Slurm (tests/slurm_cluster.py): the smoke launcher on the tiny experiment with two CPU
+"""The sbatch launchers: a dry run without Slurm (one node, and inside a multi-node allocation), the
+failure bound, and jobs on one node of the session's real Slurm (tests/slurm_cluster.py, shared with
+tests/test_multinode.py): the smoke launcher on the tiny experiment with two CPU
 tasks runs to the end, requeueing itself once where a stage switches to its own layout, and a job
 sent the preemption signal mid-run saves, requeues itself, resumes and ends with the same losses."""
 
