@@ -154,6 +154,7 @@ exec slurmd -D -f {self.conf} -N {name}
                     ["ip", "link", "set", host_end, "master", self.bridge, "up"]):
             p = subprocess.run(cmd, capture_output=True, text=True)
             if p.returncode:
+                subprocess.run(["ip", "link", "del", host_end], capture_output=True)  # (its peer goes with it)
                 raise Unavailable(f"node {name}: {' '.join(cmd)}: {p.stderr.strip()}")
 
     def node_pids(self, name: str) -> list[int]:
@@ -207,6 +208,8 @@ exec slurmd -D -f {self.conf} -N {name}
         for name in list(self.node_procs):
             self.kill_node(name)
         if self.bridge:
+            for name in self.nodes:  # a veth pair left on this side (a node whose start failed half-way)
+                subprocess.run(["ip", "link", "del", f"{self.bridge}{name}"], capture_output=True)
             subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
         if self.munge_dir:
             shutil.rmtree(self.munge_dir, ignore_errors=True)
