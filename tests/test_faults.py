@@ -85,15 +85,21 @@ def _processes_of(run_dir: Path) -> list[int]:
     return out
 
 
-def _training_process(run_dir: Path, rank: int) -> int:
+def _process_of(run_dir: Path, rank: int, training: bool) -> int:
+    """Rank `rank`'s training process (it has a heartbeat), or its supervisor (it has none)."""
     for pid in _processes_of(run_dir):
         try:
             env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if any(v.startswith(HEARTBEAT_ENV.encode() + b"=") for v in env) and f"RANK={rank}".encode() in env:
+        beats = any(v.startswith(HEARTBEAT_ENV.encode() + b"=") for v in env)
+        if f"RANK={rank}".encode() in env and beats == training:
             return pid
-    raise AssertionError(f"no training process of rank {rank} for {run_dir}")
+    raise AssertionError(f"no {'training process' if training else 'supervisor'} of rank {rank} for {run_dir}")
+
+
+def _training_process(run_dir: Path, rank: int) -> int:
+    return _process_of(run_dir, rank, training=True)
 
 
 def _hang(data_root, run_dir, *overrides, at_step: int, act, nproc=2, faults="", monitor_s=0) -> tuple[int, str, float]:
@@ -269,15 +275,7 @@ def test_the_next_launch_gives_the_verdict_of_one_ended_from_outside(tmp_path, m
 
 
 def _supervisor_process(run_dir: Path, rank: int) -> int:
-    """The supervisor of `rank`: a process of the run with RANK=rank and no heartbeat of its own."""
-    for pid in _processes_of(run_dir):
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"RANK={rank}".encode() in env and not any(v.startswith(HEARTBEAT_ENV.encode() + b"=") for v in env):
-            return pid
-    raise AssertionError(f"no supervisor of rank {rank} for {run_dir}")
+    return _process_of(run_dir, rank, training=False)
 
 
 def test_a_supervisor_that_stops_answering_ends_the_job_naming_it(data_root, tmp_path):

@@ -8,6 +8,7 @@ delivery record, data.record), and grows back once the node returns."""
 from __future__ import annotations
 
 import math
+import os
 import random
 import re
 import sys
@@ -31,8 +32,6 @@ DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
 @pytest.fixture(scope="module")
 def nodes(slurm):
     if not slurm.nodes:
-        import os
-
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"no namespace nodes under CI=true: {slurm.why_not_nodes}")
         pytest.skip(f"no namespace nodes here: {slurm.why_not_nodes}")
@@ -228,6 +227,5 @@ def test_rank_0s_node_cut_from_the_network_is_named_and_the_job_goes_on(nodes, c
               f"from step {m[1]}")
     finally:
         for pid in _run_processes_on(nodes, first, run_dir):  # the cut node's orphans (its watchdog would
-            import os                                          # end them at step_s)
-            os.kill(pid, 9)
+            os.kill(pid, 9)                                    # end them at step_s)
         nodes.cut_node(first, up=True)
