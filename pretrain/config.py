@@ -150,11 +150,7 @@ class Config:
 
     def validate(self, world_size: int | None = None) -> "Config":
         self.model.validate(self.sources.get("model", "model"))
-        pipeline.check_layout(self.model, self.parallel, world_size, self.sources.get("parallel", "parallel"))
-        where = self.sources.get("experiment", "experiment")
-        for name, layout in self.stage_parallel.items():
-            if layout != self.parallel:
-                pipeline.check_layout(self.model, layout, world_size, f"{where}: stages.{name} (its layout)")
+        self.check_layouts(world_size)
         try:
             self.data.validate(self.sources.get("data", "data"))
         except DataConfigError as e:
@@ -228,6 +224,14 @@ class Config:
         if f.watchdog.silent_s < 3 * f.watchdog.alive_s:
             raise ConfigError(f"{where}: faults.watchdog.silent_s={f.watchdog.silent_s} must be at least 3 x "
                               f"faults.watchdog.alive_s={f.watchdog.alive_s} (a busy file system delays a refresh)")
+
+    def check_layouts(self, world_size: int | None) -> None:
+        """Every stage's layout against `world_size` processes (the part of `validate` that depends on it)."""
+        pipeline.check_layout(self.model, self.parallel, world_size, self.sources.get("parallel", "parallel"))
+        where = self.sources.get("experiment", "experiment")
+        for name, layout in self.stage_parallel.items():
+            if layout != self.parallel:
+                pipeline.check_layout(self.model, layout, world_size, f"{where}: stages.{name} (its layout)")
 
     def layout_of(self, stage: str | None) -> ParallelConfig:
         """The parallel layout stage `stage` runs under (the first stage's for None)."""

@@ -2,7 +2,7 @@
 pipeline, expert, context), only the data-parallel size changes, and the global batch in tokens
 stays what it is (more micro-batches per step on fewer replicas).
 
-A world size works when every stage's layout fits it (`Config.validate`) and the batch divides
+A world size works when every stage's layout fits it (`Config.check_layouts`) and the batch divides
 into micro-batch x data-parallel sequences at the start of the batch ramp and at its end, in every
 stage's sequence length: a size that cannot keep the batch is refused like one that cannot hold
 the layout, never rounded. (Inside the ramp the batch is rounded down to micro-batch x
@@ -34,11 +34,12 @@ def batch_problem(cfg, world: int) -> str | None:
 
 
 def problem(cfg, world: int) -> str | None:
-    """Why a run of `cfg` cannot go on at `world` processes (its layouts, its batch), or None."""
+    """Why a run of `cfg` (validated when composed) cannot go on at `world` processes (its layouts, its
+    batch), or None."""
     from model.config import ConfigError
 
     try:
-        cfg.validate(world_size=world)
+        cfg.check_layouts(world)
     except ConfigError as e:
         return str(e)
     return batch_problem(cfg, world)
