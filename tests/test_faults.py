@@ -339,9 +339,9 @@ def test_with_rank_0_lost_the_lowest_rank_that_reported_writes_the_verdict(data_
     assert all(c != 0 for c in codes), codes
     log = (run_dir / "log.txt").read_text()
     host = re.escape(socket.gethostname())
-    # (rank 2 either lost its peer too, or saw the abort mark first: both are right)
+    # (ranks 1 and 2 each either lost their peer, or saw the abort mark first: every order is right)
     assert re.search(rf"\[rank 1\] watchdog: node {host}, rank 0: no report \(the node or its supervisor is gone\); "
-                     r"ranks? 1(, 2)? lost a peer in a collective \(exit 1\).* \(written by rank 1: rank 0's supervisor "
+                     r"ranks? (1, 2|1|2) lost a peer in a collective \(exit 1\).* \(written by rank 1: rank 0's supervisor "
                      r"did not report\)", log), log[-3000:]
     assert log.count("lost a peer in a collective") == 1  # rank 2 left it to rank 1
     assert elapsed < BOUND_S, f"the ranks left took {elapsed:.0f} s to end"
