@@ -30,6 +30,7 @@ main fields (any field of any group can be overridden with Hydra syntax):
                 (uneven pipeline split; unset = chosen so the output/MTP stage is not the slowest)
   optim=muon|adamw  optim.lr=2.5e-4  optim.weight_decay=0.1  optim.clip_grad=1.0
   train.micro_batch_size  train.global_batch_tokens  train.batch_start_tokens  train.batch_ramp_tokens
+  train.batch_ramp_increment_tokens (the ramp climbs in these steps: the same batch at every DP size)
   train.lr_warmup_tokens  train.lr_min  train.dtype=auto|bf16|fp32  train.impl=auto|torch|te|local  train.max_steps
   train.log_every  train.save_every  train.keep_last  train.eval_every  train.eval_batches
   train.async_save=auto|true|false (write checkpoints while training goes on; auto = on GPUs)

@@ -54,6 +54,12 @@ class TrainConfig:
     global_batch_tokens: int = 64 * 2**20
     batch_start_tokens: int = 16 * 2**20
     batch_ramp_tokens: float = 500e9
+    # The ramp climbs in steps of this many tokens (evenly spaced over batch_ramp_tokens), so the
+    # batch is the same at any data-parallel size whose micro-batch x DP sequences divide it: a run
+    # that loses nodes mid-ramp goes on with the same batch (pretrain/elastic.py). null: a linear
+    # ramp rounded to micro-batch x DP sequences at the run's size, which then cannot change size
+    # inside the ramp.
+    batch_ramp_increment_tokens: Optional[int] = None
     # Learning rate: linear warm-up from 0 to optim.lr over lr_warmup_tokens, then cosine to lr_min
     # at the end of the last stage.
     lr_warmup_tokens: float = 2e9
@@ -168,6 +174,12 @@ class Config:
         if t.batch_start_tokens > t.global_batch_tokens:
             raise ConfigError(f"{where}: train.batch_start_tokens={t.batch_start_tokens} exceeds "
                               f"train.global_batch_tokens={t.global_batch_tokens}")
+        inc = t.batch_ramp_increment_tokens
+        if inc is not None and (isinstance(inc, bool) or not isinstance(inc, int) or inc < 1
+                                or (t.global_batch_tokens - t.batch_start_tokens) % inc):
+            raise ConfigError(f"{where}: train.batch_ramp_increment_tokens={inc!r} must be a positive whole number "
+                              f"of tokens dividing train.global_batch_tokens - train.batch_start_tokens = "
+                              f"{t.global_batch_tokens - t.batch_start_tokens}")
         if t.lr_min > self.optim.lr:
             raise ConfigError(f"{where}: train.lr_min={t.lr_min} exceeds optim.lr={self.optim.lr}")
         t.async_save = str(t.async_save).lower()  # a YAML or command-line boolean arrives as True/False

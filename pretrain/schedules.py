@@ -22,10 +22,19 @@ def learning_rate(tokens: float, peak: float, minimum: float, warmup_tokens: flo
 
 
 def batch_sequences(tokens: float, start_tokens: int, final_tokens: int, ramp_tokens: float,
-                    seq_length: int, granule: int) -> int:
-    """Sequences in the global batch after `tokens` consumed tokens: a linear ramp in tokens from
-    `start_tokens` to `final_tokens` over `ramp_tokens`, rounded down to a whole number of
-    `granule` sequences (micro-batch x data-parallel ranks), and never below one granule."""
+                    seq_length: int, granule: int, increment_tokens: int | None = None) -> int:
+    """Sequences in the global batch after `tokens` consumed tokens: a ramp in tokens from
+    `start_tokens` to `final_tokens` over the first `ramp_tokens`.
+
+    With `increment_tokens` (train.batch_ramp_increment_tokens) the ramp climbs in steps of that
+    many tokens, evenly spaced over `ramp_tokens` (Megatron's --rampup-batch-size), and the batch is
+    the same at every data-parallel size: `pretrain/elastic.py` refuses a size whose micro-batch x
+    data-parallel `granule` does not divide it, so nothing is rounded. Without it the ramp is
+    linear, rounded down to a whole number of granules at the run's own size (never below one)."""
+    if increment_tokens:
+        steps = (final_tokens - start_tokens) // increment_tokens
+        done = steps if not ramp_tokens or tokens >= ramp_tokens else math.floor(tokens * steps / ramp_tokens)
+        return (start_tokens + done * increment_tokens) // seq_length
     frac = 1.0 if not ramp_tokens or tokens >= ramp_tokens else tokens / ramp_tokens
     batch_tokens = start_tokens + (final_tokens - start_tokens) * frac
     return max(granule, int(batch_tokens // seq_length) // granule * granule)

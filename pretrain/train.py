@@ -311,7 +311,8 @@ class Trainer:
         from pretrain import elastic
 
         world, old = dist.get_world_size(), self.resized
-        problem = elastic.batch_problem(self.cfg, world)
+        problem = (elastic.batch_problem(self.cfg, world)
+                   or elastic.ramp_problem(self.cfg, old["world"], world, self.stage_name, self.tokens))
         if problem:
             raise ConfigError(f"{problem}: the checkpoint of step {self.step} (a run of {old['world']} processes) "
                               f"cannot go on at {world} with the same global batch")
@@ -325,9 +326,6 @@ class Trainer:
                f"global batch stays {t.global_batch_tokens:,} tokens (micro-batches per replica follow); the loader "
                f"dropped {self.dropped_samples:,} stored sample(s) so far (the rest of each old reader's started "
                "shards)")
-        if t.batch_ramp_tokens and t.batch_start_tokens != t.global_batch_tokens and self.tokens < t.batch_ramp_tokens:
-            msg += (f"; inside the batch ramp the batch is rounded down to micro-batch x data-parallel = "
-                    f"{t.micro_batch_size * self.dp} sequences, at this size")
         log.warning(msg)
         self.metrics.text("world size", msg, self.step)
         self.resized = None
@@ -478,7 +476,8 @@ class Trainer:
                     if self.resized:
                         self.report_resize()
                 seqs = schedules.batch_sequences(self.tokens, t.batch_start_tokens, t.global_batch_tokens,
-                                                 t.batch_ramp_tokens, self.seq_length, granule)
+                                                 t.batch_ramp_tokens, self.seq_length, granule,
+                                                 t.batch_ramp_increment_tokens)
                 lr = schedules.learning_rate(self.tokens, cfg.optim.lr, t.lr_min, t.lr_warmup_tokens, total)
                 logged = (self.step + 1) % t.log_every == 0
                 watchdog.enter("step", self.step + 1, first=self.first_step)
@@ -589,10 +588,15 @@ def preflight(cfg: Config) -> None:
     from data.loader import open_sources
     from model.config import ConfigError
     from model.build import resolve_impl
+    from pretrain import elastic
     from pretrain.parallel import slurm_environment
 
     world = int(os.environ.get("WORLD_SIZE") or slurm_environment().get("WORLD_SIZE") or 1)
     cfg.validate(world_size=world)
+    problem = elastic.batch_problem(cfg, world)
+    if problem:
+        raise ConfigError(f"{problem}: the global batch must split evenly over the {world} process(es) of this "
+                          "launch (glm-plan --nodes shows the sizes that work)")
     t = cfg.train
     for name in cfg.stages:
         p, seq = cfg.layout_of(name), cfg.stage_data[name].seq_length
@@ -601,7 +605,7 @@ def preflight(cfg: Config) -> None:
         # the interleaved schedule runs micro-batches in groups of `pipeline`: it needs that many
         granule = t.micro_batch_size * p.data(world)
         fewest = schedules.batch_sequences(0, t.batch_start_tokens, t.global_batch_tokens, t.batch_ramp_tokens,
-                                           seq, granule) // granule
+                                           seq, granule, t.batch_ramp_increment_tokens) // granule
         if fewest < p.pipeline:
             raise ConfigError(
                 f"{cfg.sources.get('experiment', 'experiment')}: train.batch_start_tokens={t.batch_start_tokens} "

@@ -317,7 +317,8 @@ def test_with_rank_0_lost_the_lowest_rank_that_reported_writes_the_verdict(data_
     run_dir = tmp_path / "run"
     env = {**_env(data_root), TEST_FAULTS_ENV: "slow@step=4,until=27,seconds=0.5", "WORLD_SIZE": "3",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    cmd = _command(run_dir, "train.max_steps=27", *WATCH, nproc=1)
+    # a global batch of 12 sequences: whole micro-batches of 2 on each of 3 replicas
+    cmd = _command(run_dir, "train.global_batch_tokens=768", "train.batch_start_tokens=768", *WATCH, nproc=1)
     ranks = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=ROOT, text=True,
                               stdout=subprocess.PIPE if r == 0 else subprocess.DEVNULL, stderr=subprocess.STDOUT,
                               start_new_session=True) for r in range(3)]

@@ -45,6 +45,42 @@ def test_batch_ramps_in_tokens_and_rounds_to_whole_micro_batches_per_rank():
     assert schedules.batch_sequences(0, 10, 10, 0, 4096, 8) == 8  # never below one micro-batch per rank
 
 
+def test_batch_ramp_with_an_increment_is_the_same_batch_at_every_data_parallel_size(monkeypatch):
+    """train.batch_ramp_increment_tokens: the ramp climbs in whole increments, evenly spaced, whatever
+    the granule; a size whose micro-batch x DP does not divide the start, the increment or the end is
+    refused (by the launcher's node count, at launch, at a resume), never rounded."""
+    from model.config import ConfigError
+    from pretrain import elastic
+    from pretrain import train as train_mod
+    from pretrain.config import compose
+
+    ramp = lambda t, granule: schedules.batch_sequences(t, 16 * 2**20, 64 * 2**20, 480e9, 4096, granule, 2**20)
+    for t in (0, 10e9 - 1, 10e9, 123e9, 250e9, 479.9e9, 480e9, 1e15):
+        assert ramp(t, 8) == ramp(t, 64) == ramp(t, 256) == 4096 + 256 * min(48, int(t // 10e9))
+    assert {ramp(t, 1) for t in range(0, int(480e9), int(1e9))} == set(range(4096, 16384, 256))  # 48 climbs
+
+    fits = lambda *o: {n: why for n, why in elastic.node_counts(compose(["experiment=tiny", *o]), 1, 2).items()}
+    assert fits("train.batch_ramp_increment_tokens=256")[2] is None
+    why = fits("train.batch_ramp_increment_tokens=128")[2]
+    assert "train.batch_ramp_increment_tokens=128 is 2 sequence(s) of 64 (stages.general), not a multiple of " \
+           "train.micro_batch_size=2 x 2 data-parallel replica(s) = 4" in why, why
+    # a stage that starts after the ramp only needs the final batch (here 2 sequences of 128 at the start)
+    longer = ("train.batch_ramp_increment_tokens=256", "stages.mixed.seq_length=128")
+    assert fits(*longer)[2] is None
+    assert "train.batch_start_tokens=256 is 2 sequence(s) of 128 (stages.mixed)" in \
+           fits(*longer, "train.batch_ramp_tokens=8192")[2]
+    # no increment: a resize inside the ramp changes the rounding, so it is refused; after it, not
+    tiny = compose(["experiment=tiny"])
+    assert "has no train.batch_ramp_increment_tokens" in elastic.ramp_problem(tiny, 1, 2, "general", 1000)
+    assert elastic.ramp_problem(tiny, 1, 2, "general", 2048) is None
+    assert elastic.ramp_problem(compose(["experiment=tiny", "train.batch_ramp_increment_tokens=256"]),
+                                1, 2, "general", 1000) is None
+    # a launch at a size the batch does not split over fails before any process group starts
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match="global_batch_tokens=512 is 8 sequence.*must split evenly over the 3 proc"):
+        train_mod.preflight(tiny)
+
+
 # ---- Slurm's environment ------------------------------------------------------------------------
 
 def test_slurm_environment_gives_rank_world_and_master():
