@@ -66,3 +66,15 @@ def tiny_corpus(root: Path) -> Path:
     synthetic(root / "tiny" / "general", "general", 200, 1, doc_len=(20, 120), vocab=512)
     synthetic(root / "tiny" / "code", "code", 200, 256, doc_len=(20, 120), vocab=512, seed=1)
     return root
+
+
+def bpe_tokenizer(directory: Path, vocab_size: int = 512) -> Path:
+    """The tokenizer `glm-data prepare --vocab-size N` trains on the embedded corpus, saved as
+    directory/tokenizer.json: tests that prepare many times pass it as --tokenizer (each training
+    takes seconds; the tokenizer is the same every time)."""
+    from data import tokenizer as toks
+
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "tokenizer.json"
+    toks.train_default(vocab_size).save(str(path))
+    return path

@@ -21,7 +21,9 @@ pytestmark = pytest.mark.xdist_group("data")
 def embedded(tmp_path_factory):
     root = tmp_path_factory.mktemp("embedded")
     assert cli.main(["prepare", "embedded:general", "-o", str(root / "general"), "-q", "--workers", "2"]) == 0
-    assert cli.main(["prepare", "embedded:code", "--code", "-o", str(root / "code"), "-q", "--workers", "2"]) == 0
+    # code with general's tokenizer, as `make data` does (it holds the FIM tokens already)
+    assert cli.main(["prepare", "embedded:code", "--code", "-o", str(root / "code"), "-q", "--workers", "2",
+                     "--tokenizer", str(root / "general")]) == 0
     return root
 
 

@@ -272,6 +272,14 @@ PREPARE = ["--vocab-size", "512", "--sample-tokens", "128", "--shard-tokens", "5
            "--workers", "1"]
 
 
+@pytest.fixture(scope="module")
+def prepare(tmp_path_factory) -> list[str]:
+    """PREPARE with the tokenizer trained once (`--vocab-size` alone trains it at every prepare)."""
+    from tests.data_helpers import bpe_tokenizer
+
+    return [*PREPARE, "--tokenizer", str(bpe_tokenizer(tmp_path_factory.mktemp("tokenizer")))]
+
+
 def _objects(prefix: str) -> dict[str, bytes]:
     return {url[len(prefix) + 1:]: objstore.read_bytes(url) for url in objstore.list_keys(f"{prefix}/")}
 
@@ -280,39 +288,40 @@ def _files(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in directory.iterdir()}
 
 
-def test_prepare_onto_the_store_writes_what_a_local_prepare_writes_parts_and_merge_included(store, tmp_path, capsys):
+def test_prepare_onto_the_store_writes_what_a_local_prepare_writes_parts_and_merge_included(store, prepare, tmp_path,
+                                                                                           capsys):
     from data import cli
 
     inputs = _jsonl_inputs(tmp_path / "in")
-    assert cli.main(["prepare", str(inputs), *PREPARE, "-o", str(tmp_path / "local")]) == 0
+    assert cli.main(["prepare", str(inputs), *prepare, "-o", str(tmp_path / "local")]) == 0
     local = _files(tmp_path / "local")
     assert len([n for n in local if n.startswith("shard-")]) > 3
 
     out = _url("web")
-    assert cli.main(["prepare", str(inputs), *PREPARE, "-o", out]) == 0
+    assert cli.main(["prepare", str(inputs), *prepare, "-o", out]) == 0
     assert _objects(out) == local
     assert cli.main(["inspect", "--verify", out]) == 0 and ", 0 bad" in capsys.readouterr().out
 
     # an existing dataset: refused without --overwrite; replaced with it, nothing stale left behind
-    assert cli.main(["prepare", str(inputs), *PREPARE, "-o", out]) == 2
+    assert cli.main(["prepare", str(inputs), *prepare, "-o", out]) == 2
     assert "already holds a prepared dataset" in capsys.readouterr().err
-    more = [*PREPARE[:5], "256", *PREPARE[6:]]  # smaller shards: more of them
+    more = [*prepare[:5], "256", *prepare[6:]]  # smaller shards: more of them
     assert cli.main(["prepare", str(inputs), *more, "-o", out, "--overwrite"]) == 0
     assert len(_objects(out)) > len(local)
-    assert cli.main(["prepare", str(inputs), *PREPARE, "-o", out, "--overwrite"]) == 0
+    assert cli.main(["prepare", str(inputs), *prepare, "-o", out, "--overwrite"]) == 0
     assert _objects(out) == local
 
     # parts on the store, merged from there
     merged = _url("web")
     for i in range(3):
-        assert cli.main(["prepare", str(inputs), *PREPARE, "-o", merged, "--part", f"{i}/3"]) == 0
+        assert cli.main(["prepare", str(inputs), *prepare, "-o", merged, "--part", f"{i}/3"]) == 0
     assert len(objstore.list_keys(f"{merged}.parts/")) == 3 * 3  # samples, index, record per part
-    assert cli.main(["prepare", str(inputs), *PREPARE, "-o", merged, "--merge", "3"]) == 0
+    assert cli.main(["prepare", str(inputs), *prepare, "-o", merged, "--merge", "3"]) == 0
     assert _objects(merged) == local and not objstore.list_keys(f"{merged}.parts/")
 
 
-def test_an_interrupted_upload_leaves_no_manifest_and_no_staged_files(store, through_proxy, tmp_path, monkeypatch,
-                                                                      capsys):
+def test_an_interrupted_upload_leaves_no_manifest_and_no_staged_files(store, prepare, through_proxy, tmp_path,
+                                                                      monkeypatch, capsys):
     import tempfile
 
     from data import cli
@@ -323,7 +332,7 @@ def test_an_interrupted_upload_leaves_no_manifest_and_no_staged_files(store, thr
     inputs = _jsonl_inputs(tmp_path / "in")
     out = _url("web")
     proxy.add("status", "web/shard-000002.tar", status=403, code="AccessDenied")
-    assert cli.main(["prepare", str(inputs), *PREPARE, "-o", out]) == 2
+    assert cli.main(["prepare", str(inputs), *prepare, "-o", out]) == 2
     err = capsys.readouterr().err
     assert f"{out}/shard-000002.tar: HTTP 403 AccessDenied" in err, err
     keys = objstore.list_keys(f"{out}/")
@@ -333,11 +342,11 @@ def test_an_interrupted_upload_leaves_no_manifest_and_no_staged_files(store, thr
     # an upload that meets a 503 and a cut connection is retried
     proxy.add("status", "web/shard-000001.tar")
     proxy.add("cut", "web/manifest.json", after=0)
-    assert cli.main(["prepare", str(inputs), *PREPARE, "-o", out, "--overwrite"]) == 0
+    assert cli.main(["prepare", str(inputs), *prepare, "-o", out, "--overwrite"]) == 0
     assert len(proxy.fired()) == 3 and f"{out}/manifest.json" in objstore.list_keys(f"{out}/")
 
 
-def test_inputs_listed_on_the_store_give_the_documents_of_the_same_files_read_locally(store, tmp_path):
+def test_inputs_listed_on_the_store_give_the_documents_of_the_same_files_read_locally(store, prepare, tmp_path):
     from data import cli
     from data.stream import decoded_shard, open_dataset
 
@@ -345,8 +354,8 @@ def test_inputs_listed_on_the_store_give_the_documents_of_the_same_files_read_lo
     raw = _url("raw")
     _upload_tree(inputs, raw)
     objstore.put_bytes(b"not an input", f"{raw}/.hidden/x.jsonl")
-    assert cli.main(["prepare", str(inputs), *PREPARE, "-o", str(tmp_path / "local")]) == 0
-    assert cli.main(["prepare", f"{raw}/crawl-*", *PREPARE, "-o", str(tmp_path / "remote")]) == 0
+    assert cli.main(["prepare", str(inputs), *prepare, "-o", str(tmp_path / "local")]) == 0
+    assert cli.main(["prepare", f"{raw}/crawl-*", *prepare, "-o", str(tmp_path / "remote")]) == 0
 
     def documents(directory: Path, prefix: str) -> list[tuple]:
         ds = open_dataset("web", str(directory))

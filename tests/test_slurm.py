@@ -241,53 +241,45 @@ def test_smoke_launcher_runs_to_the_end_under_slurm_switching_layout_with_the_st
         assert [p.name for p in task_logs] == ["task-0.log", "task-1.log"]
 
 
-def test_preempted_job_saves_requeues_itself_and_resumes_exactly(cluster, corpus, smoke_job, tmp_path):
-    """USR1 to the job's tasks mid-run (what `--signal=USR1@N` does before a time limit): the run
-    saves and exits 75, the job requeues itself, Slurm starts it again (about 10 s later: the test
-    cluster's job credentials live 10 s, tests/slurm_cluster.py; 120 s by default), it resumes from
-    `latest`, requeues once more at the stage with its own layout, and ends with the uninterrupted
-    job's losses at every step. The first launch waits at the start of step 7 until the signal
-    comes (the test-only `pause` fault; steps take tens of ms, Slurm's delivery longer), so the
-    signal lands in step 7 of the first stage, whatever the machine's load."""
+def test_a_hung_rank_then_a_preemption_requeue_the_job_which_resumes_exactly(cluster, corpus, smoke_job, tmp_path):
+    """One job, four launches, the uninterrupted job's losses at every step in the end:
+    - launch 0: rank 1 stops itself (SIGSTOP) at step 6 (the test switch's restart=0); the watchdog
+      ends both tasks naming rank 1, the job exits 76 and requeues itself;
+    - launch 1 resumes from `latest` (step 4) and waits at the start of step 7 until a signal comes
+      (the test-only `pause` fault: steps take tens of ms, Slurm's delivery longer, so the signal lands
+      in step 7 whatever the machine's load); USR1 to the job's tasks (what `--signal=USR1@N` does
+      before a time limit): it saves step 7 and exits 75, the job requeues itself; Slurm starts it
+      again about 10 s later (the test cluster's job credentials live 10 s, tests/slurm_cluster.py;
+      120 s by default);
+    - launch 2 resumes from step 7 and requeues at the stage with its own layout;
+    - launch 3 ends under it."""
     ref_dir, _ = smoke_job
-    run_dir = tmp_path / "preempted"
-    job_id = _submit(cluster, corpus, run_dir, *STAGE_LAYOUT, GLM_TEST_FAULTS="pause@step=7,restart=0")
+    run_dir = tmp_path / "hung"
+    watch = ["train.save_every=4", *(f"faults.watchdog.{section}_s=12" for section in ("step", "validation",
+                                                                                        "checkpoint")),
+             "faults.watchdog.first_s=120", "faults.watchdog.poll_s=1", "faults.watchdog.grace_s=10"]
+    job_id = _submit(cluster, corpus, run_dir, *STAGE_LAYOUT, *watch,
+                     GLM_TEST_FAULTS="stop@rank=1,step=6,restart=0;pause@step=7,restart=1")
     log = run_dir / "log.txt"
     deadline = time.monotonic() + 300
     while not (log.exists() and "waits at the start of step 7 for a stop signal" in log.read_text()):
         assert time.monotonic() < deadline and cluster.job(job_id).get("JobState") in ("PENDING", "RUNNING"), \
             _job_output(run_dir, job_id)
         time.sleep(0.2)
+    text = log.read_text()
+    assert re.search(r"watchdog: rank 1 is stopped \(training process in state T\) in step 6", text), text[-3000:]
+    assert f"resumed from {run_dir}/checkpoints/step-00000004" in text, text[-3000:]
+    assert list((run_dir / "watchdog").glob("launch-*/stacks-rank-1.txt"))
     cluster.run("scancel", "--signal=USR1", job_id)
     info = cluster.wait_for(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=600)
     out = _job_output(run_dir, job_id)
-    assert "stopping early (SIGUSR1): saving step 7" in log.read_text(), out
-    # the signal, then the layout of the second stage
-    assert info["JobState"] == "COMPLETED" and info.get("Restarts") == "2", out
-    assert "exit 75): requeueing job" in out and "resumed from" in log.read_text(), out
-    assert (run_dir / "logs" / f"job-{job_id}-restart-2" / "task-0.log").is_file()
-    want, got = scalars(ref_dir), scalars(run_dir)
-    assert got["lm loss"] == want["lm loss"] and got["params-norm"] == want["params-norm"]
-
-
-def test_a_hung_rank_ends_the_job_which_requeues_itself_and_resumes_exactly(cluster, corpus, smoke_job, tmp_path):
-    """Rank 1 stops itself (SIGSTOP) at step 6 of the first launch only (the test switch's restart=0):
-    the watchdog ends both tasks and names rank 1, the job exits 76 and requeues itself, resumes from
-    `latest` (step 4), requeues once more at the stage with its own layout, and ends with the
-    uninterrupted job's losses at every step."""
-    ref_dir, _ = smoke_job
-    run_dir = tmp_path / "hung"
-    watch = ["train.save_every=4", *(f"faults.watchdog.{section}_s=12" for section in ("step", "validation",
-                                                                                        "checkpoint")),
-             "faults.watchdog.first_s=120", "faults.watchdog.poll_s=1", "faults.watchdog.grace_s=10"]
-    job_id = _submit(cluster, corpus, run_dir, *STAGE_LAYOUT, *watch, GLM_TEST_FAULTS="stop@rank=1,step=6,restart=0")
-    info = cluster.wait_for(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=600)
-    out = _job_output(run_dir, job_id)
-    assert info["JobState"] == "COMPLETED" and info.get("Restarts") == "2", out  # the hang, then the stage
-    log = (run_dir / "log.txt").read_text()
-    assert re.search(r"watchdog: rank 1 is stopped \(training process in state T\) in step 6", log), log[-3000:]
-    assert "the watchdog ended the run (exit 76)" in out and "resumed from" in log
-    assert list((run_dir / "watchdog").glob("launch-*/stacks-rank-1.txt"))
+    # the hang, the signal, then the layout of the second stage
+    assert info["JobState"] == "COMPLETED" and info.get("Restarts") == "3", out
+    text = log.read_text()
+    assert "the watchdog ended the run (exit 76)" in out and "exit 75): requeueing job" in out, out
+    assert "stopping early (SIGUSR1): saving step 7" in text, out
+    assert f"resumed from {run_dir}/checkpoints/step-00000007" in text, out
+    assert (run_dir / "logs" / f"job-{job_id}-restart-3" / "task-0.log").is_file()
     want, got = scalars(ref_dir), scalars(run_dir)
     assert got["lm loss"] == want["lm loss"] and got["params-norm"] == want["params-norm"]
 
@@ -325,8 +317,11 @@ def test_prepare_array_and_merge_under_slurm_write_the_single_run(cluster, tmp_p
     the same bytes as one glm-data prepare over all inputs."""
     from data import cli
 
+    from tests.data_helpers import bpe_tokenizer
+
     inputs = _jsonl_inputs(tmp_path / "in")
-    args = [str(inputs), "--vocab-size", "512", "--sample-tokens", "128", "--shard-tokens", "512", "--name", "web"]
+    args = [str(inputs), "--tokenizer", str(bpe_tokenizer(tmp_path / "tokenizer")), "--sample-tokens", "128",
+            "--shard-tokens", "512", "--name", "web"]
     assert cli.main(["prepare", *args, "-o", str(tmp_path / "single"), "-q", "--workers", "1"]) == 0
     p = cluster.run("bash", str(ROOT / "slurm" / "prepare.sbatch"), *args, "-o", str(tmp_path / "web"), "-q",
                     env={"PARTS": "3", "SBATCH_ARGS": "--cpus-per-task=1", "PYTHON": sys.executable,
