@@ -30,6 +30,11 @@ PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 _WORLD = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
+# the states a job does not leave (a requeued job is PENDING again, whatever it passed through)
+ENDED = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                   "DEADLINE"})
+
+
 class Unavailable(RuntimeError):
     pass
 
@@ -98,6 +103,11 @@ class Cluster:
         """`scontrol show job` as a dict (empty once Slurm has forgotten the job)."""
         p = self.run("scontrol", "show", "job", "-o", job_id, check=False)
         return dict(kv.split("=", 1) for kv in p.stdout.split() if "=" in kv) if p.returncode == 0 else {}
+
+    def ended(self, job_id: str) -> bool:
+        """Whether the job is over (or forgotten): its requeues pass through states such as COMPLETING
+        and REQUEUED, which a test waiting across them must not take for its end."""
+        return self.job(job_id).get("JobState", "COMPLETED") in ENDED
 
     def wait_for(self, job_id: str, states: set, timeout: float) -> dict:
         deadline = time.monotonic() + timeout

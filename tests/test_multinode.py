@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.slurm_cluster import ENDED
 from tests.test_train import scalars
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +27,6 @@ pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]
 # 12 sequences of 64 tokens, micro-batches of 2: the same global batch on 1, 2 and 3 replicas
 ELASTIC = ["train.global_batch_tokens=768", "train.batch_start_tokens=768"]
 STEPS = 16  # the tiny experiment's 12,288 tokens at 768 per step
-DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +68,9 @@ def _wait_log(cluster, run_dir: Path, job_id: str, pattern: str, timeout: float)
         m = re.search(pattern, log.read_text()) if log.exists() else None
         if m:
             return m
-        state = cluster.job(job_id).get("JobState")
-        assert time.monotonic() < deadline and state in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING"), \
-            f"no {pattern!r} in the log after {timeout} s (job {state})\n{_output(run_dir, job_id)}"
+        assert time.monotonic() < deadline and not cluster.ended(job_id), \
+            f"no {pattern!r} in the log after {timeout} s (job {cluster.job(job_id).get('JobState')})\n" \
+            f"{_output(run_dir, job_id)}"
         time.sleep(0.3)
 
 
@@ -111,7 +111,7 @@ def test_two_nodes_train_as_two_tasks_on_one_node(nodes, corpus, tmp_path):
     single = _submit(nodes, corpus, tmp_path / "single" / "run", batch=batch,
                      sbatch=("--nodes=1", "-n", "2", "--ntasks-per-node=2", "--cpus-per-task=1"))
     for job, run_dir in ((multi, tmp_path / "multi" / "run"), (single, tmp_path / "single" / "run")):
-        info = nodes.wait_for(job, DONE, timeout=300)
+        info = nodes.wait_for(job, ENDED, timeout=300)
         assert info["JobState"] == "COMPLETED", _output(run_dir, job)
     out = (tmp_path / "multi" / f"glm-smoke-{multi}.out").read_text()
     assert "node counts up to 3 (x 1 process(es)) that run it: 1, 2; 3: " in out, out
@@ -174,7 +174,7 @@ def test_a_lost_node_the_job_goes_on_with_the_nodes_left_and_grows_back(nodes, c
     nodes.start_node(lost)
     nodes.wait_nodes(("idle", "allocated", "mixed"), timeout=60)
     nodes.run("scancel", "--signal=USR1", job)
-    info = nodes.wait_for(job, DONE, timeout=300)
+    info = nodes.wait_for(job, ENDED, timeout=300)
     out = _output(run_dir, job)
     assert info["JobState"] == "COMPLETED" and info.get("Restarts") == "2", out
     log = (run_dir / "log.txt").read_text()
@@ -225,7 +225,7 @@ def test_rank_0s_node_cut_from_the_network_is_named_and_the_job_goes_on(nodes, c
         assert re.search(rf"the previous launch \(launch-\w+, 3 rank\(s\) on p1, p2, p3\) ended without a verdict.*"
                          rf"before its supervisors could; Slurm has node {first} DOWN\S* \(Not responding\): rank 0; node "
                          rf"{first}, rank 0; ", log), log[-3000:]
-        info = nodes.wait_for(job, DONE, timeout=300)
+        info = nodes.wait_for(job, ENDED, timeout=300)
         assert info["JobState"] == "COMPLETED", _output(run_dir, job)
         assert first not in _hosts(run_dir, 1).values()
         s = scalars(run_dir)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.slurm_cluster import ENDED
 from tests.test_train import TINY_STEPS, scalars
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,7 +216,7 @@ def smoke_job(cluster, corpus, tmp_path_factory):
         stale = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="203.0.113.1",
                      MASTER_PORT=str(taken.getsockname()[1]))
         job_id = _submit(cluster, corpus, run_dir, *STAGE_LAYOUT, **stale)
-        info = cluster.wait_for(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=600)
+        info = cluster.wait_for(job_id, ENDED, timeout=600)
     assert info["JobState"] == "COMPLETED", _job_output(run_dir, job_id)
     return run_dir, job_id
 
@@ -263,15 +264,14 @@ def test_a_hung_rank_then_a_preemption_requeue_the_job_which_resumes_exactly(clu
     log = run_dir / "log.txt"
     deadline = time.monotonic() + 300
     while not (log.exists() and "waits at the start of step 7 for a stop signal" in log.read_text()):
-        assert time.monotonic() < deadline and cluster.job(job_id).get("JobState") in ("PENDING", "RUNNING"), \
-            _job_output(run_dir, job_id)
+        assert time.monotonic() < deadline and not cluster.ended(job_id), _job_output(run_dir, job_id)
         time.sleep(0.2)
     text = log.read_text()
     assert re.search(r"watchdog: rank 1 is stopped \(training process in state T\) in step 6", text), text[-3000:]
     assert f"resumed from {run_dir}/checkpoints/step-00000004" in text, text[-3000:]
     assert list((run_dir / "watchdog").glob("launch-*/stacks-rank-1.txt"))
     cluster.run("scancel", "--signal=USR1", job_id)
-    info = cluster.wait_for(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=600)
+    info = cluster.wait_for(job_id, ENDED, timeout=600)
     out = _job_output(run_dir, job_id)
     # the hang, the signal, then the layout of the second stage
     assert info["JobState"] == "COMPLETED" and info.get("Restarts") == "3", out
@@ -327,7 +327,7 @@ def test_prepare_array_and_merge_under_slurm_write_the_single_run(cluster, tmp_p
                     env={"PARTS": "3", "SBATCH_ARGS": "--cpus-per-task=1", "PYTHON": sys.executable,
                          "PYTHONPATH": str(ROOT)}, cwd=tmp_path)
     merge_id = p.stdout.strip().rsplit("merge: job ", 1)[1].split()[0]
-    info = cluster.wait_for(merge_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=300)
+    info = cluster.wait_for(merge_id, ENDED, timeout=300)
     outs = "\n".join(f"--- {f.name}\n{f.read_text()[-2000:]}" for f in sorted(tmp_path.glob("glm-prepare*.out")))
     assert info["JobState"] == "COMPLETED", outs
     assert len(list(tmp_path.glob("glm-prepare-*_*.out"))) == 3, outs  # one log per array task
