@@ -91,7 +91,7 @@ class WatchdogConfig:
     """The hang watchdog (pretrain/watchdog.py): per section, a timeout of `factor` x the longest
     duration seen (saved in run.dir/watchdog/timeouts.json), at least `floor_s`; `first_s` for a
     section not seen yet in this launch (start-up, the first step, of a stage too, the first save);
-    `<section>_s` fixes one (0: calibrated)."""
+    `<section>_s` fixes one (0: calibrated), from its second occurrence on (start-up: itself)."""
     enabled: bool = True
     factor: float = 4.0
     floor_s: float = 120.0

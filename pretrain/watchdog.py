@@ -190,10 +190,12 @@ def load_longest(run_dir: Path) -> dict:
 
 def timeout_for(cfg, section: str, longest: dict, first: bool) -> float:
     """Seconds `section` may last: fixed by `<section>_s`, else factor x the longest seen (at least
-    floor_s; first_s before one was seen and for a first occurrence)."""
+    floor_s; first_s before one was seen). A first occurrence (the first step of a launch or a stage,
+    the first validation, the first save: warm-up, lazy set-up, a cold file system) gets at least
+    first_s either way; a fixed `startup_s` is start-up's own, whatever first_s is."""
     fixed = getattr(cfg, f"{section}_s", 0) or 0
     if fixed:
-        return float(fixed)
+        return max(float(fixed), cfg.first_s) if first and section != "startup" else float(fixed)
     seen = longest.get(section)
     calibrated = max(cfg.floor_s, cfg.factor * seen) if seen else cfg.first_s
     return max(calibrated, cfg.first_s) if first or section == "startup" else calibrated

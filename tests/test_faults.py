@@ -137,7 +137,9 @@ def test_a_stopped_rank_ends_the_job_naming_it_with_every_ranks_stacks(data_root
     """SIGSTOP to rank 1's training process at a random step, from outside (as the OS or a debugger
     would): before the watchdog the job hung for good, silently."""
     run_dir = tmp_path / "run"
-    at = random.Random().randint(3, 12)
+    # (acting after step 8 at the latest: the stop lands before the first validation, after step 10,
+    # which like every first occurrence gets first_s)
+    at = random.Random().randint(3, 8)
     code, out, elapsed = _hang(data_root, run_dir, at_step=at,
                                act=lambda: os.kill(_training_process(run_dir, 1), signal.SIGSTOP))
     assert code != 0
@@ -409,7 +411,10 @@ def test_timeouts_are_calibrated_saved_and_give_the_process_groups_backstop(data
     assert timeout_for(cfg, "step", longest, first=False) == pytest.approx(4 * longest["step"])
     assert timeout_for(cfg, "step", longest, first=True) == 50.0  # the first step of a launch or a stage
     assert timeout_for(cfg, "validation", longest, first=False) == 50.0  # never seen
-    assert timeout_for(WatchdogConfig(step_s=7), "step", longest, first=True) == 7.0
+    # a fixed timeout holds from the second occurrence on: the first (warm-up) still gets first_s
+    assert timeout_for(WatchdogConfig(step_s=7), "step", longest, first=False) == 7.0
+    assert timeout_for(WatchdogConfig(step_s=7), "step", longest, first=True) == 1800.0
+    assert timeout_for(WatchdogConfig(startup_s=90), "startup", longest, first=True) == 90.0
     assert backstop_s(WatchdogConfig(), run_dir) == 2 * 1800
 
 
