@@ -52,18 +52,22 @@ def read_meta(path: Path) -> dict:
     return json.loads((Path(path) / "meta.json").read_text())
 
 
-def stage_to_resume(run_dir: str | Path) -> str | None:
-    """The stage whose batch a run in `run_dir` trains next, from the meta.json of the newest
-    checkpoint that has a readable one (`latest` first; None without a checkpoint, or for an import
-    that names no stage). Plain files only: read before any process group starts, since the stage
-    decides the parallel layout."""
+def meta_to_resume(run_dir: str | Path) -> dict | None:
+    """The meta.json of the newest checkpoint in `run_dir` that has a readable one (`latest` first;
+    None without a checkpoint). Plain files only: read before any process group starts."""
     for path in CheckpointManager(run_dir).candidates():
         try:
-            meta = read_meta(path)
+            return read_meta(path)
         except (OSError, ValueError):
             continue  # resume() says why, and falls back past it too
-        return meta.get("next_stage") or meta.get("stage") or None
     return None
+
+
+def stage_to_resume(run_dir: str | Path) -> str | None:
+    """The stage whose batch a run in `run_dir` trains next (None without a checkpoint, or for an
+    import that names no stage): it decides the parallel layout."""
+    meta = meta_to_resume(run_dir) or {}
+    return meta.get("next_stage") or meta.get("stage") or None
 
 
 def find(path: str | Path) -> Path:

@@ -53,7 +53,9 @@ main fields (any field of any group can be overridden with Hydra syntax):
     is started or opened (the Slurm launchers' DRY_RUN=1 uses it).
 --fit-nodes NODES PER_NODE: print the most of NODES nodes (PER_NODE processes each) the run can use:
     every stage's layout must fit and the global batch must divide into micro-batch x data-parallel
-    sequences (pretrain/elastic.py); stderr names the node counts that work; exit 2 when none does.
+    sequences (pretrain/elastic.py), and a run resumed inside a batch ramp without
+    train.batch_ramp_increment_tokens keeps its data-parallel size (its latest checkpoint says where
+    it is); stderr names the node counts that work; exit 2 when none does.
     The Slurm launchers use it on every (re)start of a job given a node range.
 
 Each rank runs under a supervisor process that ends the whole run when a rank stops making progress
@@ -137,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("no experiment chosen: add experiment=NAME (glm-pretrain --help lists them)")
         if fit is not None:  # the launchers: how many of the job's nodes to use
             from pretrain import elastic
+            from pretrain.checkpoint import meta_to_resume
 
-            best, text = elastic.best_node_count(cfg, fit[1], fit[0])
+            best, text = elastic.best_node_count(cfg, fit[1], fit[0], meta_to_resume(cfg.run.dir))
             print(f"glm-pretrain: {text}", file=sys.stderr)
             if not best:
                 return 2

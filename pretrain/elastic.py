@@ -62,21 +62,26 @@ def ramp_problem(cfg, old_world: int, world: int, stage: str, tokens: float) -> 
             "number of such granules at every size the run may use")
 
 
-def problem(cfg, world: int) -> str | None:
+def problem(cfg, world: int, resumed: dict | None = None) -> str | None:
     """Why a run of `cfg` (validated when composed) cannot go on at `world` processes (its layouts, its
-    batch), or None."""
+    batch; with `resumed`, the meta.json of the checkpoint it resumes from, also its ramp), or None."""
     from model.config import ConfigError
 
     try:
         cfg.check_layouts(world)
     except ConfigError as e:
         return str(e)
-    return batch_problem(cfg, world)
+    why = batch_problem(cfg, world)
+    if why is None and resumed and resumed.get("world_size"):
+        stage = resumed.get("next_stage") or resumed.get("stage")
+        if stage in cfg.stages:
+            why = ramp_problem(cfg, resumed["world_size"], world, stage, resumed.get("tokens", 0))
+    return why
 
 
-def node_counts(cfg, per_node: int, max_nodes: int) -> dict[int, str | None]:
+def node_counts(cfg, per_node: int, max_nodes: int, resumed: dict | None = None) -> dict[int, str | None]:
     """For 1..max_nodes nodes of `per_node` processes: why each cannot run `cfg`, or None."""
-    return {n: problem(cfg, n * per_node) for n in range(1, max_nodes + 1)}
+    return {n: problem(cfg, n * per_node, resumed) for n in range(1, max_nodes + 1)}
 
 
 def describe_fit(counts: dict[int, str | None]) -> str:
@@ -84,9 +89,9 @@ def describe_fit(counts: dict[int, str | None]) -> str:
     return ", ".join(map(str, good)) if good else "none"
 
 
-def best_node_count(cfg, per_node: int, nodes: int) -> tuple[int, str]:
+def best_node_count(cfg, per_node: int, nodes: int, resumed: dict | None = None) -> tuple[int, str]:
     """The most of `nodes` nodes the run can use (0: none), and a line saying which counts work."""
-    counts = node_counts(cfg, per_node, nodes)
+    counts = node_counts(cfg, per_node, nodes, resumed)
     good = [n for n, why in counts.items() if why is None]
     best = max(good, default=0)
     text = f"node counts up to {nodes} (x {per_node} process(es)) that run it: {describe_fit(counts)}"

@@ -331,6 +331,29 @@ def test_an_unreadable_latest_falls_back_to_the_newest_checkpoint_that_loads(uni
         p.stdout[-2000:]
 
 
+def test_a_run_resumed_on_fewer_replicas_inside_the_batch_ramp_keeps_the_ramps_batch(data_root, tmp_path):
+    """Two data-parallel replicas to step 3, inside the batch ramp, then one process. With
+    train.batch_ramp_increment_tokens=256 the tiny ramp is 4 sequences until 2,048 tokens (steps 1-8),
+    then 8, at both sizes, and so is every step's batch across the resize. Without an increment the
+    ramp is rounded at each size (2 sequences at one process, 4 at two): the resume stops with exit 2
+    naming the field instead of training another batch."""
+    from pretrain import cli
+
+    run_dir, inc = tmp_path / "run", "train.batch_ramp_increment_tokens=256"
+    _run(data_root, run_dir, inc, "train.max_steps=3", nproc=2)
+    # the launchers' question, with one node of one process left: a fit with the increment, none without
+    fit = lambda *o: cli.main(["experiment=tiny", f"run.dir={run_dir}", *o, "--fit-nodes", "1", "1"])
+    assert fit(inc) == 0 and fit() == 2
+    p = subprocess.run(_command(run_dir, "train.max_steps=12"), env=_env(data_root), cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 2 and "has no train.batch_ramp_increment_tokens" in p.stdout + p.stderr, \
+        p.stdout[-2000:] + p.stderr[-2000:]
+    out = _run(data_root, run_dir, inc, "train.max_steps=12")
+    assert "world size changed from 2 to 1 processes at step 3" in out, out[-2000:]
+    batch = scalars(run_dir)["batch-size"]
+    assert {step: batch[step] for step in range(1, 13)} == {step: 4 if step <= 8 else 8 for step in range(1, 13)}
+
+
 def test_timer_stops_the_run_like_a_signal(data_root, tmp_path):
     out = _run(data_root, tmp_path / "run", "run.exit_after_minutes=0.0001", expect=EXIT_RESUME)
     assert "stopping early (run.exit_after_minutes): saving step 1" in out
