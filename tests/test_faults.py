@@ -86,16 +86,24 @@ def _processes_of(run_dir: Path) -> list[int]:
 
 
 def _process_of(run_dir: Path, rank: int, training: bool) -> int:
-    """Rank `rank`'s training process (it has a heartbeat), or its supervisor (it has none)."""
+    """Rank `rank`'s training process (it has a heartbeat), or its supervisor (it has none). The
+    training process's loader workers and writers inherit its environment: of the processes that
+    match, the one whose parent does not (process ids wrap, so a child's may be the lower one)."""
+    found = {}
     for pid in _processes_of(run_dir):
         try:
             env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
             continue
         beats = any(v.startswith(HEARTBEAT_ENV.encode() + b"=") for v in env)
         if f"RANK={rank}".encode() in env and beats == training:
-            return pid
-    raise AssertionError(f"no {'training process' if training else 'supervisor'} of rank {rank} for {run_dir}")
+            found[pid] = parent
+    top = [pid for pid, parent in found.items() if parent not in found]
+    if len(top) != 1:
+        raise AssertionError(f"{len(top)} {'training process' if training else 'supervisor'}(s) of rank {rank} "
+                             f"for {run_dir}: {found}")
+    return top[0]
 
 
 def _training_process(run_dir: Path, rank: int) -> int:
