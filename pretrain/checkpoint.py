@@ -63,11 +63,16 @@ def meta_to_resume(run_dir: str | Path) -> dict | None:
     return None
 
 
-def stage_to_resume(run_dir: str | Path) -> str | None:
-    """The stage whose batch a run in `run_dir` trains next (None without a checkpoint, or for an
-    import that names no stage): it decides the parallel layout."""
-    meta = meta_to_resume(run_dir) or {}
+def stage_of(meta: dict) -> str | None:
+    """The stage whose batch a run resumed from a checkpoint with this meta.json trains next (None for
+    an import that names no stage)."""
     return meta.get("next_stage") or meta.get("stage") or None
+
+
+def stage_to_resume(run_dir: str | Path) -> str | None:
+    """The stage whose batch a run in `run_dir` trains next (None without a checkpoint): it decides
+    the parallel layout."""
+    return stage_of(meta_to_resume(run_dir) or {})
 
 
 def find(path: str | Path) -> Path:

@@ -71,12 +71,18 @@ def problem(cfg, world: int, resumed: dict | None = None) -> str | None:
         cfg.check_layouts(world)
     except ConfigError as e:
         return str(e)
-    why = batch_problem(cfg, world)
-    if why is None and resumed and resumed.get("world_size"):
-        stage = resumed.get("next_stage") or resumed.get("stage")
-        if stage in cfg.stages:
-            why = ramp_problem(cfg, resumed["world_size"], world, stage, resumed.get("tokens", 0))
-    return why
+    from pretrain.checkpoint import stage_of
+
+    stage = stage_of(resumed or {})
+    if resumed and resumed.get("world_size") and stage in cfg.stages:
+        return resume_problem(cfg, resumed["world_size"], world, stage, resumed.get("tokens", 0))
+    return batch_problem(cfg, world)
+
+
+def resume_problem(cfg, old_world: int, world: int, stage: str, tokens: float) -> str | None:
+    """Why a run of `old_world` processes, at `tokens` consumed tokens in `stage`, cannot go on at
+    `world` with the same global batch (its sizes, its ramp), or None."""
+    return batch_problem(cfg, world) or ramp_problem(cfg, old_world, world, stage, tokens)
 
 
 def node_counts(cfg, per_node: int, max_nodes: int, resumed: dict | None = None) -> dict[int, str | None]:

@@ -311,8 +311,7 @@ class Trainer:
         from pretrain import elastic
 
         world, old = dist.get_world_size(), self.resized
-        problem = (elastic.batch_problem(self.cfg, world)
-                   or elastic.ramp_problem(self.cfg, old["world"], world, self.stage_name, self.tokens))
+        problem = elastic.resume_problem(self.cfg, old["world"], world, self.stage_name, self.tokens)
         if problem:
             raise ConfigError(f"{problem}: the checkpoint of step {self.step} (a run of {old['world']} processes) "
                               f"cannot go on at {world} with the same global batch")
